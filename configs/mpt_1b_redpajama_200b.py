@@ -1,0 +1,22 @@
+"""mosaicml/mpt-1b-redpajama-200b, the published run (reference-mpt-1b.md §1, §5).
+
+Model: the released config.json exactly (MPTConfig's defaults), 1,311,442,944 parameters.
+Run: 200B tokens at a global batch of 2200 x 2048 = 44,389 steps; optimizer, schedule and
+clipping from the public MPT-1B recipe (§5.2: decoupled AdamW 2e-4, betas 0.9/0.95, 100
+warmup steps, cosine to 0.1x, clip 1.0), since the run's own were never published.
+
+  python train.py mpt_1b_redpajama_200b --workdir /ckpt/mpt-1b
+
+Hardware: the original used 440 A100-40GB for about half a day.
+"""
+
+from mpt_jax.config import MPTConfig, TrainConfig
+
+
+def get_config() -> TrainConfig:
+  return TrainConfig(
+      model=MPTConfig(),
+      seq_len=2048,
+      global_batch_size=2200,
+      steps=44_389,  # 200e9 / (2200 * 2048)
+  )

@@ -1,0 +1,47 @@
+"""Plain-XLA attention with ALiBi: the ground truth every other implementation is tested against.
+
+Follows reference-mpt-1b.md §2.3: scores = (q·k) * scale + ALiBi, causal and segment masks,
+softmax in float32, probabilities cast to v's dtype before the second matmul.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from mpt_jax.attention import masks
+
+
+def attention(q, k, v, *, slopes, segment_ids=None, causal=True, scale=None, precision=None):
+  """Multi-head attention with in-graph ALiBi.
+
+  Args:
+    q: [B, T, N, H] queries; they sit at the last T of the S key positions (T <= S), as
+      MosaicGPT slices its bias ``[-T:, -S:]``.
+    k, v: [B, S, N, H].
+    slopes: [N] ALiBi slopes (float32).
+    segment_ids: optional int [B, S]; tokens attend only within their own segment
+      (packed documents). Query segments are the last T entries.
+    causal: mask keys after the query.
+    scale: softmax scale; defaults to 1/sqrt(H).
+    precision: matmul precision (tests pass HIGHEST for an exact float32 reference).
+
+  Returns:
+    [B, T, N, H] in q's dtype.
+  """
+  t, s, head_dim = q.shape[1], k.shape[1], q.shape[-1]
+  scale = head_dim**-0.5 if scale is None else scale
+  scores = jnp.einsum("BTNH,BSNH->BNTS", q, k, precision=precision, preferred_element_type=jnp.float32)
+  scores = scores * scale
+  q_pos = jnp.arange(s - t, s)[:, None]  # [T, 1]
+  k_pos = jnp.arange(s)[None, :]  # [1, S]
+  slopes = jnp.asarray(slopes, jnp.float32)[None, :, None, None]  # [1, N, 1, 1]
+  scores = scores + masks.alibi_bias(slopes, q_pos, k_pos, causal=causal)
+  if segment_ids is None:
+    keep = masks.keep_mask(q_pos, k_pos, causal=causal)[None, None]
+  else:
+    q_seg = segment_ids[:, None, s - t :, None]  # [B, 1, T, 1]
+    k_seg = segment_ids[:, None, None, :]  # [B, 1, 1, S]
+    keep = masks.keep_mask(q_pos, k_pos, q_seg, k_seg, causal=causal)
+  scores = jnp.where(keep, scores, masks.MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("BNTS,BSNH->BTNH", probs, v, precision=precision, preferred_element_type=jnp.float32)
+  return out.astype(q.dtype)

@@ -1,0 +1,361 @@
+"""Model configuration: MPTConfig mirrors the MosaicGPT config keys (reference-mpt-1b.md §1).
+
+The fields up to ``emb_init_uniform_lim`` have the meaning and default of the released
+MPT-1b-RedPajama-200b config.json; the last group says how to run the model here (dtypes,
+attention implementation, scan, remat) and has no counterpart in the PyTorch config.
+``from_hf_dict`` / ``to_hf_dict`` translate both Hugging Face schemas: ``mosaic_gpt`` (the
+released 1B) and the later llm-foundry / transformers ``mpt`` schema (§4.1).
+"""
+
+import dataclasses
+import math
+from typing import Any, Literal
+
+Layout = Literal["mosaic_gpt", "mpt"]
+
+INIT_FNS = ("kaiming_normal_", "normal_")
+NONLINEARITIES = ("relu", "leaky_relu", "linear")
+DTYPES = ("float32", "bfloat16", "float16")
+ATTN_IMPLS = ("auto", "xla", "pallas", "cudnn")
+REMAT_POLICIES = ("none", "full", "save_dots")
+
+
+@dataclasses.dataclass(frozen=True)
+class MPTConfig:
+  """An MPT decoder. Defaults are mosaicml/mpt-1b-redpajama-200b (1,311,442,944 parameters)."""
+
+  d_model: int = 2048  # residual width D
+  n_heads: int = 16  # attention heads N; head_dim H = d_model / n_heads
+  n_layers: int = 24  # blocks L
+  mlp_ratio: int = 4  # MLP hidden F = mlp_ratio * d_model ("expansion_ratio" in the mpt schema)
+  max_seq_len: int = 2048  # longest input accepted
+  vocab_size: int = 50432  # embedding rows; the GPT-NeoX tokenizer uses 50277 of them
+  alibi: bool = True  # ALiBi position bias; the only position scheme implemented
+  alibi_bias_max: float = 8.0  # slopes are 2^(-alibi_bias_max * h / n_heads)
+  alibi_slope_rule: Literal["mosaic_gpt", "mpt"] = "mosaic_gpt"  # differ only for n_heads not a power of two
+  attn_qk_ln: bool = True  # LayerNorm on q and k over the full d_model, before the head split
+  attn_clip_qkv: float | None = None  # clamp the fused qkv projection to [-c, c]
+  softmax_scale: float | None = None  # None: 1/sqrt(head_dim)
+  no_bias: bool = True  # no biases anywhere, LayerNorms included; the only variant implemented
+  low_precision_layernorm: bool = True  # LayerNorm outputs in the compute dtype (else float32)
+  layer_norm_eps: float = 1e-5
+  logit_scale: float | Literal["inv_sqrt_d_model"] | None = None  # multiplies the logits
+  embedding_fraction: float = 1.0  # gradient fraction through the embedding; forward unchanged
+  param_init_fn: Literal["kaiming_normal_", "normal_"] = "kaiming_normal_"
+  init_nonlinearity: Literal["relu", "leaky_relu", "linear"] = "relu"  # kaiming gain
+  init_gain: float = 0.0  # kaiming's negative slope `a` (only leaky_relu uses it)
+  fan_mode: Literal["fan_in", "fan_out"] = "fan_in"
+  init_div_is_residual: bool | float = True  # True: residual projections / sqrt(2 * n_layers)
+  init_std: float = 0.02  # std of the normal_ init
+  emb_init_std: float | None = None  # embedding std; None: the weight init
+  emb_init_uniform_lim: float | None = None  # embedding ~ U(-lim, lim) when set
+
+  # How to run it (not part of the PyTorch config).
+  dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # compute dtype
+  param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # stored parameters
+  attn_impl: Literal["auto", "xla", "pallas", "cudnn"] = "auto"  # see mpt_jax.attention
+  scan_layers: bool = True  # stack the blocks and lax.scan over them (compile time flat in depth)
+  remat: Literal["none", "full", "save_dots"] = "none"  # activation checkpointing per block
+
+  def __post_init__(self):
+    for name in ("d_model", "n_heads", "n_layers", "mlp_ratio", "max_seq_len", "vocab_size"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"MPTConfig.{name} must be a positive integer, got {value!r}")
+    if self.d_model % self.n_heads:
+      raise ValueError(f"MPTConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+    if not self.alibi:
+      raise ValueError("MPTConfig.alibi must be True: ALiBi is the only position scheme implemented")
+    if not self.no_bias:
+      raise ValueError("MPTConfig.no_bias must be True: the bias-free MPT is the only variant implemented")
+    _require_positive(self, "alibi_bias_max", "layer_norm_eps", "init_std")
+    _require_positive(self, "attn_clip_qkv", "softmax_scale", "emb_init_std", "emb_init_uniform_lim", optional=True)
+    if isinstance(self.logit_scale, str):
+      if self.logit_scale != "inv_sqrt_d_model":
+        raise ValueError(f"MPTConfig.logit_scale must be a number or 'inv_sqrt_d_model', got {self.logit_scale!r}")
+    else:
+      _require_positive(self, "logit_scale", optional=True)
+    if not 0.0 < self.embedding_fraction <= 1.0:
+      raise ValueError(f"MPTConfig.embedding_fraction must be in (0, 1], got {self.embedding_fraction}")
+    if not isinstance(self.init_div_is_residual, bool) and not self.init_div_is_residual > 0:
+      raise ValueError(f"MPTConfig.init_div_is_residual must be a bool or a positive number, got {self.init_div_is_residual!r}")
+    _require_choice(self, "alibi_slope_rule", ("mosaic_gpt", "mpt"))
+    _require_choice(self, "param_init_fn", INIT_FNS)
+    _require_choice(self, "init_nonlinearity", NONLINEARITIES)
+    _require_choice(self, "fan_mode", ("fan_in", "fan_out"))
+    _require_choice(self, "dtype", DTYPES)
+    _require_choice(self, "param_dtype", DTYPES)
+    _require_choice(self, "attn_impl", ATTN_IMPLS)
+    _require_choice(self, "remat", REMAT_POLICIES)
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  @property
+  def mlp_hidden(self) -> int:
+    return self.mlp_ratio * self.d_model
+
+  @property
+  def logit_multiplier(self) -> float | None:
+    if self.logit_scale == "inv_sqrt_d_model":
+      return 1.0 / math.sqrt(self.d_model)
+    return self.logit_scale
+
+  @property
+  def residual_init_divisor(self) -> float:
+    """What residual-branch output projections' init std is divided by (§5.3)."""
+    if self.init_div_is_residual is True:
+      return math.sqrt(2 * self.n_layers)
+    if self.init_div_is_residual is False:
+      return 1.0
+    return float(self.init_div_is_residual)
+
+  # ---------------------------------------------------------------- HF config.json
+
+  @classmethod
+  def from_hf_dict(cls, d: dict[str, Any], **overrides) -> "MPTConfig":
+    """Reads a Hugging Face config.json dict of either schema.
+
+    Keys that would change the function in a way this implementation does not support
+    (dropout, prefix-LM, learned positions, ...) raise ValueError; bookkeeping keys
+    (architectures, auto_map, torch_dtype, ...) are ignored. ``overrides`` set the
+    run-time fields (dtype, attn_impl, scan_layers, ...).
+    """
+    layout = hf_layout(d)
+    if layout == "mosaic_gpt":
+      attn, init = d, d
+      fields = dict(
+          mlp_ratio=d.get("mlp_ratio", 4),
+          alibi=d.get("alibi", False),
+          alibi_bias_max=d.get("alibi_bias_max", 8),
+          attn_qk_ln=d.get("attn_qk_ln", False),
+          attn_clip_qkv=d.get("attn_clip_qkv"),
+          softmax_scale=d.get("softmax_scale"),
+          low_precision_layernorm=d.get("low_precision_layernorm", True),
+      )
+      _reject(d, "prefix_lm", "attn_pdrop")
+    else:
+      attn, init = d.get("attn_config", {}), d.get("init_config", {})
+      norm_type = d.get("norm_type", "low_precision_layernorm")
+      if norm_type not in ("low_precision_layernorm", "layernorm"):
+        raise ValueError(f"config.json norm_type={norm_type!r} is not supported; expected 'low_precision_layernorm' or 'layernorm'")
+      if attn.get("attn_type", "multihead_attention") != "multihead_attention":
+        raise ValueError(f"config.json attn_config.attn_type={attn['attn_type']!r} is not supported; expected 'multihead_attention'")
+      if d.get("learned_pos_emb") and not attn.get("alibi", False):
+        raise ValueError("config.json learned_pos_emb=true without alibi is not supported")
+      fields = dict(
+          mlp_ratio=d.get("expansion_ratio", 4),
+          alibi=attn.get("alibi", False),
+          alibi_bias_max=attn.get("alibi_bias_max", 8),
+          attn_qk_ln=attn.get("qk_ln", False),
+          attn_clip_qkv=attn.get("clip_qkv"),
+          softmax_scale=attn.get("softmax_scale"),
+          low_precision_layernorm=norm_type == "low_precision_layernorm",
+      )
+      _reject(attn, "prefix_lm", "attn_pdrop", "qk_gn")
+      if "layer_norm_epsilon" in d:
+        fields["layer_norm_eps"] = d["layer_norm_epsilon"]
+    _reject(d, "resid_pdrop", "emb_pdrop")
+    if d.get("tie_word_embeddings", True) is False:
+      raise ValueError("config.json tie_word_embeddings=false is not supported: MPT ties the output head to wte")
+    for key in ("d_model", "n_heads", "n_layers", "max_seq_len", "vocab_size"):
+      if key not in d:
+        raise ValueError(f"config.json has no {key!r}; is it an MPT / MosaicGPT config?")
+      fields[key] = d[key]
+    fields.update(
+        alibi_slope_rule=layout,
+        no_bias=d.get("no_bias", False),
+        logit_scale=d.get("logit_scale"),
+        embedding_fraction=d.get("embedding_fraction", 1.0),
+        param_init_fn=init.get("param_init_fn", init.get("name", "kaiming_normal_")),
+        init_nonlinearity=init.get("init_nonlinearity", "relu"),
+        init_gain=init.get("init_gain", 0.0),
+        fan_mode=init.get("fan_mode", "fan_in"),
+        init_div_is_residual=init.get("init_div_is_residual", True),
+        init_std=init.get("init_std", 0.02),
+        emb_init_std=init.get("emb_init_std"),
+        emb_init_uniform_lim=init.get("emb_init_uniform_lim"),
+    )
+    return cls(**fields, **overrides)
+
+  def to_hf_dict(self, layout: Layout = "mosaic_gpt") -> dict[str, Any]:
+    """A config.json dict in the given schema; from_hf_dict reads it back to this config."""
+    if self.alibi_slope_rule != layout and self.n_heads & (self.n_heads - 1):
+      raise ValueError(
+          f"alibi_slope_rule={self.alibi_slope_rule!r} with n_heads={self.n_heads} (not a power of two) "
+          f"has no {layout!r} config.json: that schema implies the {layout!r} slope rule"
+      )
+    init = dict(
+        init_nonlinearity=self.init_nonlinearity,
+        init_gain=self.init_gain,
+        fan_mode=self.fan_mode,
+        init_div_is_residual=self.init_div_is_residual,
+        init_std=self.init_std,
+        emb_init_std=self.emb_init_std,
+        emb_init_uniform_lim=self.emb_init_uniform_lim,
+    )
+    common = dict(
+        d_model=self.d_model,
+        n_heads=self.n_heads,
+        n_layers=self.n_layers,
+        max_seq_len=self.max_seq_len,
+        vocab_size=self.vocab_size,
+        no_bias=self.no_bias,
+        logit_scale=self.logit_scale,
+        embedding_fraction=self.embedding_fraction,
+        resid_pdrop=0.0,
+        emb_pdrop=0.0,
+        torch_dtype=self.param_dtype,
+    )
+    if layout == "mosaic_gpt":
+      return dict(
+          architectures=["MosaicGPT"],
+          model_type="mosaic_gpt",
+          **common,
+          mlp_ratio=self.mlp_ratio,
+          attn_impl="torch",
+          attn_pdrop=0.0,
+          attn_qk_ln=self.attn_qk_ln,
+          attn_clip_qkv=self.attn_clip_qkv,
+          softmax_scale=self.softmax_scale,
+          prefix_lm=False,
+          attn_uses_sequence_id=False,
+          alibi=self.alibi,
+          alibi_bias_max=self.alibi_bias_max,
+          low_precision_layernorm=self.low_precision_layernorm,
+          param_init_fn=self.param_init_fn,
+          **init,
+      )
+    if layout == "mpt":
+      return dict(
+          architectures=["MPTForCausalLM"],
+          model_type="mpt",
+          **common,
+          expansion_ratio=self.mlp_ratio,
+          layer_norm_epsilon=self.layer_norm_eps,
+          learned_pos_emb=False,
+          norm_type="low_precision_layernorm" if self.low_precision_layernorm else "layernorm",
+          attn_config=dict(
+              attn_type="multihead_attention",
+              attn_impl="torch",
+              attn_pdrop=0,  # transformers' MptAttentionConfig types attn_pdrop and alibi_bias_max as int
+              qk_ln=self.attn_qk_ln,
+              clip_qkv=self.attn_clip_qkv,
+              softmax_scale=self.softmax_scale,
+              prefix_lm=False,
+              attn_uses_sequence_id=False,
+              alibi=self.alibi,
+              alibi_bias_max=int(self.alibi_bias_max) if float(self.alibi_bias_max).is_integer() else self.alibi_bias_max,
+          ),
+          init_config=dict(name=self.param_init_fn, **init),
+      )
+    raise ValueError(f"unknown layout {layout!r}; expected 'mosaic_gpt' or 'mpt'")
+
+
+def hf_layout(d: dict[str, Any]) -> Layout:
+  """Which schema a config.json dict is written in."""
+  model_type = d.get("model_type")
+  if model_type in ("mosaic_gpt", "mpt"):
+    return model_type
+  if model_type is None:
+    return "mpt" if "attn_config" in d else "mosaic_gpt"
+  raise ValueError(f"config.json model_type={model_type!r} is not an MPT; expected 'mosaic_gpt' or 'mpt'")
+
+
+def _require_positive(config, *names, optional=False):
+  for name in names:
+    value = getattr(config, name)
+    if value is None and optional:
+      continue
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+      raise ValueError(f"MPTConfig.{name} must be a positive number{' or None' if optional else ''}, got {value!r}")
+
+
+def _require_choice(config, name, choices):
+  value = getattr(config, name)
+  if value not in choices:
+    raise ValueError(f"MPTConfig.{name} must be one of {choices}, got {value!r}")
+
+
+def _reject(d, *keys):
+  """Dropout, prefix-LM and per-head QK norm would change the function: refuse them."""
+  for key in keys:
+    if d.get(key):
+      raise ValueError(f"config.json {key}={d[key]!r} is not supported by mpt-jax (must be 0/false)")
+
+
+# ------------------------------------------------------------------------ training run
+# Each dataclass below belongs to one module (named in its docstring); presets in configs/
+# build a TrainConfig and set only what differs from these defaults.
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh (mpt_jax.sharding). -1 in one axis means "all remaining devices"."""
+
+  data: int = 1  # pure data parallelism (replicated parameters)
+  fsdp: int = -1  # data parallelism with parameters and optimizer state sharded (ZeRO-3)
+  tensor: int = 1  # heads and MLP hidden split across devices
+  # Multi-process runs (one process per host): jax.distributed.initialize before anything else.
+  multi_process: bool = False  # join a cluster that JAX detects itself (Slurm, Open MPI, Cloud TPU, JAX_* env)
+  coordinator_address: str | None = None  # "host:port" of process 0; setting it implies multi_process
+  num_processes: int | None = None  # None: detected from the cluster
+  process_id: int | None = None  # None: detected from the cluster
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """Optimizer and LR schedule (mpt_jax.optim); defaults are the public MPT-1B recipe (§5.2)."""
+
+  name: Literal["decoupled_adamw", "decoupled_lionw"] = "decoupled_adamw"
+  lr: float = 2.0e-4  # peak learning rate
+  betas: tuple[float, float] = (0.9, 0.95)
+  eps: float = 1e-8
+  weight_decay: float = 0.0  # Composer's decoupled decay: p *= 1 - (lr / peak_lr) * weight_decay
+  warmup_steps: int = 100  # linear warmup from 0
+  alpha_f: float = 0.1  # final LR = alpha_f * lr, reached at the last step (cosine)
+  grad_clip_norm: float = 1.0  # global-norm clipping threshold; <= 0 disables
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Training data (mpt_jax.data): a seqio Task or Mixture, prepared into packed token shards."""
+
+  mixture: str = "redpajama_llama"  # seqio Task/Mixture (mpt_jax.data.tasks): redpajama_llama, redpajama_<subset>, shakespeare
+  data_dir: str = ""  # RedPajama-1T root; subset files are found under it (tasks.REDPAJAMA_LAYOUT)
+  source_patterns: tuple[str, ...] = ()  # "subset=glob" overrides, e.g. "c4=/data/c4/*.jsonl"
+  tokenizer_path: str = ""  # tokenizer.json (GPT-NeoX-20B for real runs); "" trains a BPE on the embedded corpus
+  bpe_vocab_size: int = 1024  # size of that BPE (the model's vocab_size must be at least this)
+  prepared_dir: str = "~/.cache/mpt_jax/data"  # pre-tokenized packed shards (python -m mpt_jax.data.prepare)
+  seed: int = 17  # shuffling / mixture sampling seed
+  segment_ids: bool = False  # also emit segment_ids (document number within the row, from 1) for document masking
+  positions: bool = False  # also emit positions (token index within its document)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  """Checkpointing (mpt_jax.checkpoint)."""
+
+  every_steps: int = 1000  # save period; 0 disables periodic saves
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """One training run (mpt_jax.trainer, train.py)."""
+
+  model: MPTConfig = MPTConfig()
+  mesh: MeshConfig = MeshConfig()
+  optim: OptimConfig = OptimConfig()
+  data: DataConfig = DataConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
+  workdir: str = "workdir"  # logs, metrics.jsonl, checkpoints
+  seed: int = 17  # parameter init
+  seq_len: int = 2048  # tokens per row
+  global_batch_size: int = 512  # rows per optimizer step, over all hosts
+  micro_batch_size: int | None = None  # rows per device per forward pass; None: no gradient accumulation
+  steps: int = 24_800  # optimizer steps
+  z_loss: float = 0.0  # weight of mean(logsumexp(logits)^2) added to the loss (PaLM's z-loss); 0: off
+  log_every: int = 10  # steps between logged metrics (TensorBoard, metrics.jsonl, progress bar)
+  peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None: from the device kind
+  sample_tokens: int = 64  # tokens sampled from the trained model at the end of the run; 0: none

@@ -1,0 +1,223 @@
+"""The MPT / MosaicGPT decoder in Flax NNX, exactly as reference-mpt-1b.md §2 describes it.
+
+Parts before the whole: LayerNorm, Attention, MLP, Block, MPTForCausalLM. Parameters are
+float32 by default and cast to the compute dtype where they are used; LayerNorm statistics,
+softmax, logits and the loss stay in float32. Every parameter carries logical axis names
+(``out_sharding`` metadata) that mpt_jax.sharding maps to mesh axes.
+
+Dimension letters: B batch, T positions, N heads, H head dim, D d_model, F MLP hidden,
+V vocab, C the three fused projections (q, k, v), L layers.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mpt_jax.alibi import alibi_slopes
+from mpt_jax.attention import dot_product_attention
+from mpt_jax.config import MPTConfig
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _param(init_fn, rngs: nnx.Rngs, shape, dtype, axes) -> nnx.Param:
+  """A parameter with logical axis names; sharding happens later, from the abstract state."""
+  return nnx.Param(init_fn(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
+
+
+def _weight_init(config: MPTConfig, fan_in: int, fan_out: int, *, residual: bool = False):
+  """PyTorch's init for a Linear weight of shape [fan_out, fan_in] (§5.3)."""
+  if config.param_init_fn == "normal_":
+    std = config.init_std
+  else:  # kaiming_normal_, torch.nn.init.calculate_gain semantics
+    gain = {
+        "relu": math.sqrt(2.0),
+        "leaky_relu": math.sqrt(2.0 / (1.0 + config.init_gain**2)),
+        "linear": 1.0,
+    }[config.init_nonlinearity]
+    std = gain / math.sqrt(fan_in if config.fan_mode == "fan_in" else fan_out)
+  if residual:
+    std /= config.residual_init_divisor
+  return jax.nn.initializers.normal(std)
+
+
+def _embedding_init(config: MPTConfig):
+  if config.emb_init_std is not None:
+    return jax.nn.initializers.normal(config.emb_init_std)
+  if config.emb_init_uniform_lim is not None:
+    lim = config.emb_init_uniform_lim
+    return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -lim, lim)
+  # torch treats the [V, D] embedding weight like a Linear: fan_in = D, fan_out = V.
+  return _weight_init(config, fan_in=config.d_model, fan_out=config.vocab_size)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm with a scale and no bias (``no_bias`` strips LayerNorm biases too, §2.6).
+
+  Statistics in float32; the output is cast to ``dtype`` (LPLayerNorm's bf16 output).
+  """
+
+  def __init__(self, dim: int, *, eps: float, dtype, param_dtype, rngs: nnx.Rngs):
+    self.eps, self.dtype = eps, dtype
+    self.scale = _param(jax.nn.initializers.ones, rngs, (dim,), param_dtype, ("norm",))
+
+  def __call__(self, x):
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+def _layer_norm(config: MPTConfig, *, rngs: nnx.Rngs, dtype=None) -> LayerNorm:
+  norm_dtype = config.dtype if config.low_precision_layernorm else jnp.float32
+  return LayerNorm(
+      config.d_model, eps=config.layer_norm_eps, dtype=dtype or norm_dtype, param_dtype=config.param_dtype, rngs=rngs
+  )
+
+
+class Attention(nnx.Module):
+  """Fused-QKV multi-head attention with QK LayerNorm and ALiBi (§2.3)."""
+
+  def __init__(self, config: MPTConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    d, n, h = config.d_model, config.n_heads, config.head_dim
+    # torch's Wqkv [3D, D] is initialized per q/k/v slice, each with fan_in = fan_out = D.
+    self.qkv_proj = _param(_weight_init(config, d, d), rngs, (d, 3, n, h), config.param_dtype, ("embed", None, "heads", "head_dim"))
+    if config.attn_qk_ln:
+      # Plain nn.LayerNorm over all heads jointly; the output goes back to the q/k dtype.
+      self.q_ln = _layer_norm(config, rngs=rngs, dtype=config.dtype)
+      self.k_ln = _layer_norm(config, rngs=rngs, dtype=config.dtype)
+    out_init = _weight_init(config, d, d, residual=True)
+    self.out_proj = _param(out_init, rngs, (n, h, d), config.param_dtype, ("heads", "head_dim", "embed"))
+
+  def __call__(self, x, segment_ids=None):
+    """x: [B, T, D] -> [B, T, D]."""
+    c = self.config
+    qkv = jnp.einsum("BTD,DCNH->BTCNH", x, self.qkv_proj[...].astype(c.dtype))
+    if c.attn_clip_qkv is not None:
+      qkv = jnp.clip(qkv, -c.attn_clip_qkv, c.attn_clip_qkv)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, N, H]
+    if c.attn_qk_ln:
+      q = self.q_ln(q.reshape(*q.shape[:2], -1)).reshape(q.shape)
+      k = self.k_ln(k.reshape(*k.shape[:2], -1)).reshape(k.shape)
+    slopes = alibi_slopes(c.n_heads, c.alibi_bias_max, c.alibi_slope_rule)
+    out = dot_product_attention(
+        q, k, v, slopes=slopes, segment_ids=segment_ids, causal=True, scale=c.softmax_scale, impl=c.attn_impl
+    )
+    return jnp.einsum("BTNH,NHD->BTD", out, self.out_proj[...].astype(c.dtype))
+
+
+class MLP(nnx.Module):
+  """up -> exact (erf) GELU -> down, no biases (§2.5)."""
+
+  def __init__(self, config: MPTConfig, *, rngs: nnx.Rngs):
+    self.dtype = config.dtype
+    d, f = config.d_model, config.mlp_hidden
+    self.up_proj = _param(_weight_init(config, d, f), rngs, (d, f), config.param_dtype, ("embed", "mlp"))
+    down_init = _weight_init(config, f, d, residual=True)
+    self.down_proj = _param(down_init, rngs, (f, d), config.param_dtype, ("mlp", "embed"))
+
+  def __call__(self, x):
+    """x: [B, T, D] -> [B, T, D]."""
+    hidden = jnp.einsum("BTD,DF->BTF", x, self.up_proj[...].astype(self.dtype))
+    hidden = jax.nn.gelu(hidden, approximate=False)
+    return jnp.einsum("BTF,FD->BTD", hidden, self.down_proj[...].astype(self.dtype))
+
+
+class Block(nnx.Module):
+  """Pre-LN transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x)) (§2.2)."""
+
+  def __init__(self, config: MPTConfig, *, rngs: nnx.Rngs):
+    self.ln_1 = _layer_norm(config, rngs=rngs)
+    self.attn = Attention(config, rngs=rngs)
+    self.ln_2 = _layer_norm(config, rngs=rngs)
+    self.mlp = MLP(config, rngs=rngs)
+
+  def __call__(self, x, segment_ids=None):
+    x = x + self.attn(self.ln_1(x), segment_ids).astype(x.dtype)
+    return x + self.mlp(self.ln_2(x)).astype(x.dtype)
+
+
+def _stacked_blocks(config: MPTConfig, rngs: nnx.Rngs) -> Block:
+  """n_layers Blocks as one Block whose parameters have a leading 'layers' axis."""
+
+  @nnx.split_rngs(splits=config.n_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def create(rngs):
+    return Block(config, rngs=rngs)
+
+  return create(rngs)
+
+
+class MPTForCausalLM(nnx.Module):
+  """MPT language model: embedding, blocks (stacked or a list), ln_f, tied output head."""
+
+  def __init__(self, config: MPTConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    shape = (config.vocab_size, config.d_model)
+    self.wte = _param(_embedding_init(config), rngs, shape, config.param_dtype, ("vocab", "embed"))
+    if config.scan_layers:
+      self.blocks = _stacked_blocks(config, rngs)
+    else:
+      self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layers)])
+    self.ln_f = _layer_norm(config, rngs=rngs)
+
+  def __call__(self, input_ids, segment_ids=None):
+    """Logits for next-token prediction.
+
+    Args:
+      input_ids: int [B, T], T <= max_seq_len.
+      segment_ids: optional int [B, T]; tokens attend only within their own segment
+        (packed documents). None: one sequence per row, as the released model was trained.
+
+    Returns:
+      float32 logits [B, T, vocab_size].
+    """
+    c = self.config
+    if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+      raise ValueError(f"input_ids must be integer [B, T], got {input_ids.dtype}{list(input_ids.shape)}")
+    if input_ids.shape[1] > c.max_seq_len:
+      raise ValueError(f"input length {input_ids.shape[1]} exceeds max_seq_len={c.max_seq_len}")
+    if segment_ids is not None and segment_ids.shape != input_ids.shape:
+      raise ValueError(f"segment_ids shape {segment_ids.shape} must equal input_ids shape {input_ids.shape}")
+    wte = self.wte[...]
+    x = jnp.take(wte, input_ids, axis=0).astype(c.dtype)  # [B, T, D]
+    if c.embedding_fraction < 1.0:
+      x = x * c.embedding_fraction + jax.lax.stop_gradient(x) * (1.0 - c.embedding_fraction)
+    x = self._apply_blocks(x, segment_ids)
+    x = self.ln_f(x)
+    logits = jnp.einsum("BTD,VD->BTV", x, wte.astype(x.dtype), preferred_element_type=jnp.float32)
+    if c.logit_multiplier is not None:
+      logits = logits * c.logit_multiplier
+    return logits
+
+  def _apply_blocks(self, x, segment_ids):
+    def apply_block(x, block_state):
+      return nnx.merge(graphdef, block_state)(x, segment_ids)
+
+    if self.config.remat != "none":
+      apply_block = jax.checkpoint(apply_block, policy=REMAT_POLICIES[self.config.remat], prevent_cse=False)
+    if self.config.scan_layers:
+      graphdef, stacked = nnx.split(self.blocks)
+      x, _ = jax.lax.scan(lambda x, state: (apply_block(x, state), None), x, stacked)
+      return x
+    for block in self.blocks:
+      graphdef, state = nnx.split(block)
+      x = apply_block(x, state)
+    return x
+
+
+def stack_layers(layers: list[dict]) -> dict:
+  """Per-layer block parameters (pure dicts, scan_layers=False) -> one stacked dict (scan_layers=True)."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+
+
+def unstack_layers(stacked: dict, n_layers: int) -> list[dict]:
+  """The inverse of stack_layers."""
+  return [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n_layers)]
