@@ -1,0 +1,141 @@
+"""`python -m mpt_jax.data.prepare`: tokenize and pack raw text into shards, once, on all cores.
+
+Runs the seqio Tasks of `DataConfig.mixture` (tasks.py), one job per source unit, in worker
+processes, and writes `shards.dataset_dir(...)`: what `make_train_iterator` reads, so training
+never tokenizes. The directory appears only when complete (built under a temp name, then
+renamed), so an interrupted prepare is simply rerun.
+
+  python -m mpt_jax.data.prepare [PRESET] [--data.FIELD VALUE ...] [--seq-len N] [--workers N]
+
+PRESET (a module of configs/, as for train.py) supplies `data` and `seq_len`, so the shards
+are the ones that run will look for; flags override it like train.py's, e.g.
+
+  python -m mpt_jax.data.prepare mpt_1b_redpajama_200b --data.data-dir /data/RedPajama-Data-1T \\
+      --data.tokenizer-path /data/gpt-neox-20b/tokenizer.json --data.prepared-dir /data/prepared --workers 64
+"""
+
+import collections
+import dataclasses
+import logging
+import multiprocessing
+import os
+import pathlib
+import shutil
+import sys
+
+import seqio
+import tqdm
+import tyro
+
+from mpt_jax.config import DataConfig
+from mpt_jax.data import shards, sources, tasks
+from mpt_jax.data.tokenizer import load_tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareArgs:
+  """What to prepare; `data` and `seq_len` must match the training run's."""
+
+  data: DataConfig = DataConfig()
+  seq_len: int = 2048  # tokens per row (TrainConfig.seq_len)
+  workers: int = os.cpu_count() or 1  # processes; 1 runs in this process
+  unit_mb: int = sources.DEFAULT_UNIT_BYTES >> 20  # plain JSONL files are split into units of this size
+
+
+def prepare(config: DataConfig, seq_len: int, *, workers: int = 1,
+            unit_bytes: int = sources.DEFAULT_UNIT_BYTES) -> pathlib.Path:
+  """Prepares `config`'s data packed to `seq_len` (if not done yet) and returns its directory."""
+  tokenizer = load_tokenizer(config)
+  out = shards.dataset_dir(config, seq_len, tokenizer)
+  if (out / shards.MANIFEST).exists():
+    return out
+  provider = _register(config, unit_bytes)
+  rates = tasks.tasks_of(provider)
+  jobs = [(t.name, i, len(t.source.units)) for t in seqio.get_subtasks(provider) for i in range(len(t.source.units))]
+  tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+  try:
+    results = []
+    with tqdm.tqdm(total=len(jobs), desc=f"prepare {config.mixture}", unit="unit") as bar:
+      for result in _run(jobs, (config, unit_bytes), seq_len, tmp, workers):
+        results.append(result)
+        bar.set_postfix(rows=sum(r["rows"] for r in results), refresh=False)
+        bar.update()
+    manifest = shards.write_manifest(tmp, _manifest(config, seq_len, tokenizer, rates, results))
+    for name, source in manifest["sources"].items():
+      stats = sources.summary(collections.Counter(source["stats"]))
+      logging.info("prepared %s: %s rows; %s", name, f"{source['rows']:,}", stats)
+    os.rename(tmp, out)
+  except OSError:
+    if not (out / shards.MANIFEST).exists():
+      raise
+    # another process finished the same data first: keep theirs
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
+  return out
+
+
+def _run(jobs, register_args, seq_len, tmp, workers):
+  args = [(job, seq_len, str(tmp)) for job in jobs]
+  if workers <= 1 or len(jobs) == 1:
+    yield from map(_pack_unit, args)
+    return
+  context = multiprocessing.get_context("spawn")  # TensorFlow does not survive fork
+  with context.Pool(min(workers, len(jobs)), initializer=_register, initargs=register_args) as pool:
+    yield from pool.imap_unordered(_pack_unit, args)
+
+
+def _register(config: DataConfig, unit_bytes: int) -> seqio.Task | seqio.Mixture:
+  return tasks.register(config, load_tokenizer(config), unit_bytes=unit_bytes)
+
+
+def _pack_unit(arg) -> dict:
+  """Runs one source unit through its Task and writes the packed rows to one shard file."""
+  (task_name, index, num_units), seq_len, tmp = arg
+  task = seqio.get_mixture_or_task(task_name)
+  task.source.stats.clear()
+  dataset = task.get_dataset(
+      {"targets": seq_len}, split="train", shuffle=False, shard_info=seqio.ShardInfo(index, num_units), num_epochs=1
+  )
+  file = f"{task_name}/shard-{index:05d}.bin"
+  rows, sha256 = shards.write_rows(pathlib.Path(tmp) / file, (ex["targets"] for ex in dataset.as_numpy_iterator()))
+  return dict(task=task_name, file=file, rows=rows, sha256=sha256, stats=dict(task.source.stats))
+
+
+def _manifest(config, seq_len, tokenizer, rates, results) -> dict:
+  source_entries = {}
+  for name, rate in rates.items():
+    mine = sorted((r for r in results if r["task"] == name), key=lambda r: r["file"])
+    stats = sum((collections.Counter(r["stats"]) for r in mine), collections.Counter())
+    source_entries[name] = dict(
+        rate=rate,
+        rows=sum(r["rows"] for r in mine),
+        stats=dict(stats),
+        shards=[dict(file=r["file"], rows=r["rows"], sha256=r["sha256"]) for r in mine],
+    )
+  return dict(
+      format=shards.FORMAT_VERSION,
+      mixture=config.mixture,
+      seq_len=seq_len,
+      tokenizer=dict(sha256=tokenizer.sha256, vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id),
+      sources=source_entries,
+  )
+
+
+def parse_args(argv: list[str]) -> PrepareArgs:
+  """PrepareArgs from an optional leading preset name and the flags that follow."""
+  default = PrepareArgs()
+  if argv and not argv[0].startswith("-"):
+    import configs  # the presets live beside train.py, outside the library
+
+    preset = configs.get_config(argv.pop(0))
+    default = dataclasses.replace(default, data=preset.data, seq_len=preset.seq_len)
+  return tyro.cli(PrepareArgs, default=default, args=argv)
+
+
+def main(args: PrepareArgs) -> None:
+  logging.basicConfig(level=logging.INFO, format="%(message)s")
+  print(prepare(args.data, args.seq_len, workers=args.workers, unit_bytes=args.unit_mb << 20))
+
+
+if __name__ == "__main__":
+  main(parse_args(sys.argv[1:]))
