@@ -1,8 +1,11 @@
 """A tiny MPT for tests and the newcomer's first run: same architecture, toy sizes.
 
-  python train.py tiny
+  python train.py              # or: python train.py tiny --workdir runs/tiny
 
-Runs on a 2-core CPU in a few minutes.
+A 0.5M-parameter MPT on the embedded Shakespeare corpus (prepared on first use, ~25 s), 200
+steps of 16 x 128 tokens. On a 2-core CPU: about 1.5-2.5 minutes; the loss falls from ~8.0
+to ~4.4 nats/token; writes workdir/metrics.jsonl, workdir/tensorboard/, workdir/loss.png
+and logs a short sample.
 """
 
 import dataclasses

@@ -296,7 +296,7 @@ class MeshConfig:
 
   data: int = 1  # pure data parallelism (replicated parameters)
   fsdp: int = -1  # data parallelism with parameters and optimizer state sharded (ZeRO-3)
-  tensor: int = 1  # heads and MLP hidden split across devices
+  tensor: int = 1  # heads, MLP hidden and vocabulary split across devices
   # Multi-process runs (one process per host): jax.distributed.initialize before anything else.
   multi_process: bool = False  # join a cluster that JAX detects itself (Slurm, Open MPI, Cloud TPU, JAX_* env)
   coordinator_address: str | None = None  # "host:port" of process 0; setting it implies multi_process
@@ -324,7 +324,8 @@ class DataConfig:
 
   mixture: str = "redpajama_llama"  # seqio Task/Mixture (mpt_jax.data.tasks): redpajama_llama, redpajama_<subset>, shakespeare
   data_dir: str = ""  # RedPajama-1T root; subset files are found under it (tasks.REDPAJAMA_LAYOUT)
-  source_patterns: tuple[str, ...] = ()  # "subset=glob" overrides, e.g. "c4=/data/c4/*.jsonl"
+  source_patterns: tuple[str, ...] = ()  # "subset=glob" overrides, e.g. "c4=/data/c4/*.jsonl" or "c4=tfds:c4/en:3.1.0"
+  tfds_data_dir: str = ""  # tensorflow-datasets data_dir of "tfds:" sources ("": TFDS's default)
   tokenizer_path: str = ""  # tokenizer.json (GPT-NeoX-20B for real runs); "" trains a BPE on the embedded corpus
   bpe_vocab_size: int = 1024  # size of that BPE (the model's vocab_size must be at least this)
   prepared_dir: str = "~/.cache/mpt_jax/data"  # pre-tokenized packed shards (python -m mpt_jax.data.prepare)

@@ -1,0 +1,284 @@
+"""Training: TrainState, the loss, the sharded train step, the loop and ``main``.
+
+Data flow (DESIGN.md): config -> mesh -> abstract state (shapes and shardings, nothing
+allocated) -> init straight into the sharded layout -> loop { batch -> jit train_step ->
+metrics }. The model is split once into (graphdef, params) and merged inside the jitted step
+(flax examples/nnx_toy_examples/01_functional_api.py). Parameters are float32 master weights;
+the model computes in its config dtype and returns float32 logits, so the loss is float32.
+"""
+
+import contextlib
+import itertools
+import logging
+import time
+from typing import Callable, Iterator, NamedTuple, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from mpt_jax import metrics, sharding
+from mpt_jax.config import TrainConfig
+from mpt_jax.model import MPTForCausalLM
+from mpt_jax.optim import make_optimizer
+
+Batch = dict[str, jax.Array]  # 'input_ids' int32 [B, T], optionally 'segment_ids' int32 [B, T]
+Hook = Callable[[int, "TrainState"], None]  # called after each step with the steps done so far
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 []: optimizer updates applied so far
+  params: nnx.State  # float32 master weights; nnx.Param leaves carry their logical axis names
+  opt_state: optax.OptState
+  rng: jax.Array  # key for stochastic work (sampling); the MPT forward itself is deterministic
+
+
+def next_token_losses(logits, input_ids, segment_ids=None):
+  """Cross-entropy of each position's next token, llm-foundry style.
+
+  Targets are input_ids shifted left by one; the last position of a row has no target, and
+  with segment_ids a position whose next token starts another document predicts nothing.
+
+  Args:
+    logits: float32 [B, T, V].
+    input_ids: int [B, T].
+    segment_ids: optional int [B, T].
+
+  Returns:
+    (cross_entropy, logsumexp, mask), each [B, T]; mask is True where a prediction counts.
+  """
+  t = input_ids.shape[1]
+  targets = jnp.roll(input_ids, -1, axis=1)  # [B, T]
+  mask = jnp.broadcast_to(jnp.arange(t) < t - 1, input_ids.shape)
+  if segment_ids is not None:
+    mask = mask & (segment_ids == jnp.roll(segment_ids, -1, axis=1))
+  logsumexp = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
+  target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return logsumexp - target_logits, logsumexp, mask
+
+
+def _loss_sums(params, graphdef, batch: Batch, z_loss: float):
+  """(objective summed over predicted tokens, (cross-entropy sum, token count)).
+
+  Sums, not means, so microbatches add up to exactly the full batch's mean once divided by
+  the total count. The z-loss (PaLM §5) pulls log Z toward 0 for numerical stability.
+  """
+  model = nnx.merge(graphdef, params)
+  logits = model(batch["input_ids"], batch.get("segment_ids"))
+  cross_entropy, logsumexp, mask = next_token_losses(logits, batch["input_ids"], batch.get("segment_ids"))
+  ce_sum = jnp.sum(jnp.where(mask, cross_entropy, 0.0))
+  objective = ce_sum + z_loss * jnp.sum(jnp.where(mask, jnp.square(logsumexp), 0.0))
+  return objective, (ce_sum, jnp.sum(mask, dtype=jnp.float32))
+
+
+def _accumulated_gradients(params, graphdef, batch: Batch, *, grad_accum: int, z_loss: float, microbatch_sharding):
+  """Gradient of the objective summed over the batch, in ``grad_accum`` sequential microbatches."""
+  grad_fn = jax.grad(_loss_sums, has_aux=True)
+  if grad_accum == 1:
+    return grad_fn(params, graphdef, batch, z_loss)
+
+  def split(x):  # [B, T] -> [A, B / A, T]; row i goes to microbatch i % A, so every device keeps its rows
+    x = x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(x, microbatch_sharding)
+
+  def accumulate(carry, microbatch):
+    grads, ce_sum, tokens = carry
+    g, (ce, n) = grad_fn(params, graphdef, microbatch, z_loss)
+    return (jax.tree.map(jnp.add, grads, g), ce_sum + ce, tokens + n), None
+
+  zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros(()))
+  (grads, ce_sum, tokens), _ = jax.lax.scan(accumulate, zeros, jax.tree.map(split, batch))
+  return grads, (ce_sum, tokens)
+
+
+class TrainSetup(NamedTuple):
+  """Everything derived from config and mesh; nothing is allocated until ``init`` is called."""
+
+  mesh: jax.sharding.Mesh
+  graphdef: nnx.GraphDef
+  abstract_state: TrainState  # jax.ShapeDtypeStruct leaves
+  state_shardings: TrainState  # NamedSharding leaves
+  init: Callable[[], TrainState]  # jitted; every array is born in its sharded layout
+  train_step: Callable[[TrainState, Batch], tuple[TrainState, dict]]  # jitted; donates the state
+  schedule: optax.Schedule
+  grad_accum: int
+  n_params: int
+
+
+def grad_accum_steps(config: TrainConfig, data_parallel: int) -> int:
+  """global_batch_size = micro_batch_size x grad_accum x data-parallel size; returns grad_accum."""
+  micro = config.micro_batch_size or config.global_batch_size // data_parallel
+  if config.global_batch_size % (micro * data_parallel):
+    raise ValueError(
+        f"TrainConfig.global_batch_size ({config.global_batch_size}) must be micro_batch_size ({micro}) "
+        f"x grad_accum x data-parallel size (mesh data x fsdp = {data_parallel})"
+    )
+  return config.global_batch_size // (micro * data_parallel)
+
+
+def make_setup(config: TrainConfig, mesh: jax.sharding.Mesh) -> TrainSetup:
+  """Abstract state, its shardings and the jitted init and train step for ``config`` on ``mesh``."""
+  if config.seq_len > config.model.max_seq_len:
+    raise ValueError(f"TrainConfig.seq_len ({config.seq_len}) exceeds model.max_seq_len ({config.model.max_seq_len})")
+  grad_accum = grad_accum_steps(config, sharding.data_parallel_size(mesh))
+  optimizer, schedule = make_optimizer(config.optim, config.steps)
+
+  def init() -> TrainState:
+    params_key, rng = jax.random.split(jax.random.key(config.seed))
+    _, params = nnx.split(MPTForCausalLM(config.model, rngs=nnx.Rngs(params=params_key)))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), rng=rng)
+
+  graphdef, _ = jax.eval_shape(lambda: nnx.split(MPTForCausalLM(config.model, rngs=nnx.Rngs(0))))
+  abstract_state = jax.eval_shape(init)
+  state_shardings = sharding.tree_shardings(abstract_state, mesh)
+  microbatch_sharding = NamedSharding(mesh, PartitionSpec(None, sharding.BATCH_AXES))
+
+  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    grads, (ce_sum, tokens) = _accumulated_gradients(
+        state.params, graphdef, batch, grad_accum=grad_accum, z_loss=config.z_loss, microbatch_sharding=microbatch_sharding
+    )
+    grads = jax.tree.map(lambda g: g / tokens, grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    step_metrics = {"loss": ce_sum / tokens, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), step_metrics
+
+  replicated = sharding.replicated(mesh)
+  return TrainSetup(
+      mesh=mesh,
+      graphdef=graphdef,
+      abstract_state=abstract_state,
+      state_shardings=state_shardings,
+      init=jax.jit(init, out_shardings=state_shardings),
+      train_step=jax.jit(
+          train_step,
+          in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+          out_shardings=(state_shardings, replicated),
+          donate_argnums=0,
+      ),
+      schedule=schedule,
+      grad_accum=grad_accum,
+      n_params=sum(x.size for x in jax.tree.leaves(abstract_state.params)),
+  )
+
+
+@contextlib.contextmanager
+def _phase(name: str):
+  """Logs a phase of main and how long it took."""
+  logging.info("%s ...", name)
+  start = time.perf_counter()
+  yield
+  logging.info("%s done in %.1f s", name, time.perf_counter() - start)
+
+
+def _local_rows(data_iterator: Iterator[dict[str, np.ndarray]], config: TrainConfig) -> Iterator[dict[str, np.ndarray]]:
+  """This process's rows, batch by batch, checked against the shape the mesh expects."""
+  expected = (config.global_batch_size // jax.process_count(), config.seq_len)
+  for rows in data_iterator:
+    for name, array in rows.items():
+      if array.shape != expected:
+        raise ValueError(f"data iterator gave {name} of shape {array.shape}; expected {expected} (rows of this process, seq_len)")
+    yield rows
+
+
+def train(
+    config: TrainConfig,
+    setup: TrainSetup,
+    data_iterator: Iterator[dict[str, np.ndarray]],
+    *,
+    start_state: TrainState | None = None,
+    writer: metrics.MetricsWriter | None = None,
+    hooks: Sequence[Hook] = (),
+) -> TrainState:
+  """Optimizer steps from ``start_state.step`` (a fresh init if None) up to ``config.steps``.
+
+  After the first step, every ``config.log_every`` steps and at the end, loss, grad norm,
+  LR, tokens/s, MFU and step time go to ``writer`` and the progress bar. ``hooks`` run after
+  every step, when ``data_iterator`` has yielded exactly one batch per step taken (so a
+  checkpoint hook can save the iterator's position with the state).
+  """
+  state = setup.init() if start_state is None else start_state
+  first_step = int(state.step)
+  tokens_per_step = config.global_batch_size * config.seq_len
+  flops_per_token = metrics.flops_per_token(setup.n_params, config.model.n_layers, config.model.d_model, config.seq_len)
+  peak = config.peak_flops or metrics.peak_flops(jax.devices()[0].device_kind)
+  batches = (sharding.global_batch(rows, setup.mesh) for rows in _local_rows(data_iterator, config))
+  first_batch = next(batches)
+  with _phase("compile train_step"):
+    train_step = setup.train_step.lower(state, first_batch).compile()
+  progress = tqdm.tqdm(total=config.steps, initial=first_step, desc="train", disable=jax.process_index() != 0)
+  last_log_step, last_log_time = first_step, time.perf_counter()
+  for step, batch in zip(range(first_step + 1, config.steps + 1), itertools.chain([first_batch], batches)):
+    state, step_metrics = train_step(state, batch)
+    for hook in hooks:
+      hook(step, state)
+    progress.update()
+    if step % config.log_every and step not in (first_step + 1, config.steps):
+      continue
+    step_metrics = {name: float(value) for name, value in jax.device_get(step_metrics).items()}  # waits for the step
+    now = time.perf_counter()
+    step_time = (now - last_log_time) / (step - last_log_step)
+    tokens_per_s = tokens_per_step / step_time
+    step_metrics.update(
+        tokens_per_s=tokens_per_s,
+        mfu=metrics.mfu(tokens_per_s, flops_per_token, jax.device_count(), peak),
+        step_time_s=step_time,
+    )
+    last_log_step, last_log_time = step, now
+    progress.set_postfix(loss=f"{step_metrics['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+    if writer is not None:
+      writer.write(step, step_metrics)
+  progress.close()
+  return state
+
+
+def sample(config: TrainConfig, setup: TrainSetup, state: TrainState, prompt_ids: np.ndarray, *, temperature: float = 0.8) -> list[str]:
+  """Continues each prompt row by ``config.sample_tokens`` tokens; returns the decoded texts."""
+  from mpt_jax.data import load_tokenizer
+  from mpt_jax.generate import generate
+
+  max_new_tokens = min(config.sample_tokens, config.model.max_seq_len - prompt_ids.shape[1])
+  model = nnx.merge(setup.graphdef, state.params)
+  tokens = generate(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, rng=state.rng)
+  tokenizer = load_tokenizer(config.data)
+  return [tokenizer.decode(row.tolist()) for row in np.asarray(tokens)]
+
+
+def main(config: TrainConfig, data_iterator: Iterator[dict[str, np.ndarray]] | None = None) -> TrainState:
+  """The training run: mesh, data, abstract state, init, loop, sample. Returns the final state.
+
+  ``data_iterator`` replaces mpt_jax.data's (tests and benchmarks feed synthetic tokens).
+  """
+  sharding.initialize_distributed(config.mesh)
+  with _phase("mesh"):
+    mesh = sharding.make_mesh(config.mesh)
+    logging.info("mesh %s over %d %s devices, %d processes", dict(mesh.shape), mesh.size, jax.devices()[0].device_kind, jax.process_count())
+  with _phase("data"):
+    if data_iterator is None:
+      from mpt_jax.data import make_train_iterator
+
+      data_iterator = make_train_iterator(config, process_index=jax.process_index(), process_count=jax.process_count())
+  with jax.set_mesh(mesh):
+    with _phase("abstract state"):
+      setup = make_setup(config, mesh)
+      logging.info("%s parameters; gradient accumulation %d", f"{setup.n_params:,}", setup.grad_accum)
+    with _phase("init"):
+      state = setup.init()
+    writer = metrics.MetricsWriter(config.workdir, enabled=jax.process_index() == 0)
+    try:
+      with _phase("train"):
+        state = train(config, setup, data_iterator, start_state=state, writer=writer)
+    finally:
+      writer.close()
+    if config.sample_tokens and jax.process_count() == 1:  # prompts are host-local numpy arrays
+      with _phase("sample"):
+        prompt = next(data_iterator)["input_ids"][:1, :16]  # the start of an unseen training row
+        for text in sample(config, setup, state, prompt):
+          logging.info("sample: %s", text)
+  return state

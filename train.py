@@ -1,0 +1,40 @@
+"""Train an MPT: ``python train.py [PRESET] [--section.field VALUE ...]``.
+
+PRESET is a module of configs/ (default: tiny, a few minutes on a laptop CPU); any field of
+TrainConfig can be overridden, e.g.
+
+  python train.py tiny --workdir runs/tiny --optim.lr 1e-3 --steps 100
+  python train.py mpt_1b_redpajama_200b --workdir /ckpt/mpt-1b --mesh.fsdp 8 --micro_batch_size 11
+
+Multi-host: run the same command on every host with --mesh.multi_process (JAX detects Slurm,
+Open MPI, Cloud TPU) or with --mesh.coordinator_address host:port --mesh.num_processes N
+--mesh.process_id I.
+"""
+
+import importlib
+import logging
+import sys
+
+import tyro
+
+import configs
+from mpt_jax import trainer
+from mpt_jax.config import TrainConfig
+
+DEFAULT_PRESET = "tiny"
+
+
+def parse_args(argv: list[str]) -> TrainConfig:
+  """The preset named first in ``argv`` (default: tiny) with the flags that follow applied."""
+  if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+    argv = [DEFAULT_PRESET, *argv]
+  presets = {
+      name: (importlib.import_module(f"configs.{name}").__doc__.strip().splitlines()[0], configs.get_config(name))
+      for name in configs.PRESETS
+  }
+  return tyro.extras.overridable_config_cli(presets, args=argv, prog="train.py")
+
+
+if __name__ == "__main__":
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  trainer.main(parse_args(sys.argv[1:]))
