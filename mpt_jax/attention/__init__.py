@@ -4,15 +4,22 @@
   xla    plain XLA (reference.py), the ground truth; runs anywhere.
   cudnn  jax.nn.dot_product_attention with ALiBi materialized as a [N, T, S] bias: a GPU
          baseline, not a fast path (it reads the bias and computes its gradient).
-  auto   the fastest correct implementation for the current backend.
+  pallas flash attention with in-kernel ALiBi (pallas_triton.py), T == S only; without a GPU
+         the same kernels run in the Pallas interpreter (tests).
+  auto   pallas on GPU for the shapes it supports (T == S, power-of-two head_dim), xla otherwise.
 """
+
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
-from mpt_jax.attention import masks, reference
+from mpt_jax import sharding
+from mpt_jax.attention import masks, pallas_triton, reference
 
-IMPLS = ("auto", "xla", "cudnn")
+IMPLS = ("auto", "xla", "cudnn", "pallas")
 
 
 def dot_product_attention(q, k, v, *, slopes, segment_ids=None, causal=True, scale=None, impl="auto"):
@@ -25,11 +32,13 @@ def dot_product_attention(q, k, v, *, slopes, segment_ids=None, causal=True, sca
   if jnp.shape(slopes) != (q.shape[2],):
     raise ValueError(f"expected one ALiBi slope per head ({q.shape[2]}), got {jnp.shape(slopes)=}")
   if impl == "auto":
-    impl = "xla"
+    impl = "pallas" if jax.default_backend() == "gpu" and pallas_triton.supports(q, k) else "xla"
   if impl == "xla":
     return reference.attention(q, k, v, slopes=slopes, segment_ids=segment_ids, causal=causal, scale=scale)
   if impl == "cudnn":
     return _cudnn_attention(q, k, v, slopes=slopes, segment_ids=segment_ids, causal=causal, scale=scale)
+  if impl == "pallas":
+    return _pallas_attention(q, k, v, slopes=slopes, segment_ids=segment_ids, causal=causal, scale=scale)
   raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
 
 
@@ -48,3 +57,38 @@ def _cudnn_attention(q, k, v, *, slopes, segment_ids, causal, scale):
   return jax.nn.dot_product_attention(
       q, k, v, bias=bias, mask=mask, scale=scale, is_causal=causal, implementation="cudnn"
   )
+
+
+def _pallas_attention(q, k, v, *, slopes, segment_ids, causal, scale):
+  """The Pallas kernels; under a mesh, inside shard_map over batch and heads.
+
+  A pallas_call is opaque to the SPMD partitioner, so each device runs the kernels on its
+  own rows and heads, split as mpt_jax.sharding splits activations: batch over the
+  data-parallel axes, heads over the tensor axis; a mesh axis that is absent or does not
+  divide its dimension leaves that dimension whole.
+  """
+  attend = functools.partial(
+      pallas_triton.flash_attention, causal=causal, scale=scale, interpret=jax.default_backend() != "gpu"
+  )
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return attend(q, k, v, slopes=slopes, segment_ids=segment_ids)
+  batch, _, heads, _ = q.shape
+  batch_axes = tuple(axis for axis in sharding.BATCH_AXES if axis in mesh.axis_names)
+  if batch % math.prod(mesh.shape[axis] for axis in batch_axes):
+    batch_axes = ()
+  head_axis = sharding.LOGICAL_RULES["heads"]
+  if head_axis not in mesh.axis_names or heads % mesh.shape[head_axis]:
+    head_axis = None
+  rows = batch_axes or None
+  qkv_spec = PartitionSpec(rows, None, head_axis, None)
+  args, specs = [q, k, v, slopes], [qkv_spec, qkv_spec, qkv_spec, PartitionSpec(head_axis)]
+  if segment_ids is not None:
+    args.append(segment_ids)
+    specs.append(PartitionSpec(rows, None))
+
+  def local(q, k, v, slopes, segment_ids=None):
+    return attend(q, k, v, slopes=slopes, segment_ids=segment_ids)
+
+  # check_vma=False: the Pallas call does not track varying manual axes (DESIGN.md, jax 0.10).
+  return jax.shard_map(local, in_specs=tuple(specs), out_specs=qkv_spec, check_vma=False)(*args)
