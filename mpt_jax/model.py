@@ -9,10 +9,12 @@ Dimension letters: B batch, T positions, N heads, H head dim, D d_model, F MLP h
 V vocab, C the three fused projections (q, k, v), L layers.
 """
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mpt_jax.alibi import alibi_slopes
@@ -67,11 +69,17 @@ class LayerNorm(nnx.Module):
     self.scale = _param(jax.nn.initializers.ones, rngs, (dim,), param_dtype, ("norm",))
 
   def __call__(self, x):
-    x = x.astype(jnp.float32)
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    y = (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...].astype(jnp.float32)
-    return y.astype(self.dtype)
+    return _layer_norm_fn(x, self.scale[...], self.eps, self.dtype)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(2, 3))
+def _layer_norm_fn(x, scale, eps, dtype):
+  """Rematerialized: the backward keeps only x (compute dtype), not four float32 copies of it."""
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+  y = (x - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32)
+  return y.astype(dtype)
 
 
 def _layer_norm(config: MPTConfig, *, rngs: nnx.Rngs, dtype=None) -> LayerNorm:
@@ -126,8 +134,14 @@ class MLP(nnx.Module):
   def __call__(self, x):
     """x: [B, T, D] -> [B, T, D]."""
     hidden = jnp.einsum("BTD,DF->BTF", x, self.up_proj[...].astype(self.dtype))
-    hidden = jax.nn.gelu(hidden, approximate=False)
+    hidden = _exact_gelu(hidden)
     return jnp.einsum("BTF,FD->BTD", hidden, self.down_proj[...].astype(self.dtype))
+
+
+@jax.checkpoint
+def _exact_gelu(x):
+  """erf GELU, rematerialized: the backward keeps its [B, T, F] input only, not the erf terms."""
+  return jax.nn.gelu(x, approximate=False)
 
 
 class Block(nnx.Module):
@@ -214,10 +228,13 @@ class MPTForCausalLM(nnx.Module):
 
 
 def stack_layers(layers: list[dict]) -> dict:
-  """Per-layer block parameters (pure dicts, scan_layers=False) -> one stacked dict (scan_layers=True)."""
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  """Per-layer block parameters (pure dicts, scan_layers=False) -> one stacked dict (scan_layers=True).
+
+  On the host (numpy), so it works on any arrays whatever mesh is active.
+  """
+  return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *layers)
 
 
 def unstack_layers(stacked: dict, n_layers: int) -> list[dict]:
-  """The inverse of stack_layers."""
-  return [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n_layers)]
+  """The inverse of stack_layers (host numpy)."""
+  return [jax.tree.map(lambda x, i=i: np.asarray(x)[i], stacked) for i in range(n_layers)]
