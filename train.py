@@ -36,5 +36,7 @@ def parse_args(argv: list[str]) -> TrainConfig:
 
 
 if __name__ == "__main__":
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  # force: importing orbax installs absl's handler on the root logger first.
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO
   trainer.main(parse_args(sys.argv[1:]))

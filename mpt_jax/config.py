@@ -336,9 +336,21 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-  """Checkpointing (mpt_jax.checkpoint)."""
+  """Checkpointing and fault tolerance (mpt_jax.checkpoint, mpt_jax.trainer)."""
 
-  every_steps: int = 1000  # save period; 0 disables periodic saves
+  every_steps: int = 1000  # save period in steps; 0: only at the end and on SIGTERM
+  keep_last: int = 3  # newest checkpoints kept
+  keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this; 0: none
+  async_save: bool = True  # write in the background while training continues
+  init_from: str = ""  # a model folder (convert/torch_to_flax.py, checkpoint.save_model) to fine-tune from
+  max_consecutive_nonfinite: int = 10  # stop with an error after this many non-finite steps in a row; 0: never
+
+  def __post_init__(self):
+    for name in ("every_steps", "keep_every", "max_consecutive_nonfinite"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"CheckpointConfig.{name} must be >= 0, got {getattr(self, name)}")
+    if self.keep_last < 1:
+      raise ValueError(f"CheckpointConfig.keep_last must be >= 1, got {self.keep_last}")
 
 
 @dataclasses.dataclass(frozen=True)

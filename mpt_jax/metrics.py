@@ -44,6 +44,7 @@ class MetricsWriter:
 
       self.workdir.mkdir(parents=True, exist_ok=True)
       self._tensorboard = SummaryWriter(str(self.workdir / "tensorboard"))
+      _drop_partial_last_line(self.workdir / METRICS_FILE)
       self._jsonl = open(self.workdir / METRICS_FILE, "a")
 
   def write(self, step: int, metrics: dict[str, float | None]) -> None:
@@ -63,9 +64,23 @@ class MetricsWriter:
     plot_loss(self.workdir / METRICS_FILE, self.workdir / LOSS_PNG)
 
 
+def _drop_partial_last_line(metrics_file: pathlib.Path) -> None:
+  """A run killed mid-write leaves half a line; cut it so the resumed run appends whole lines."""
+  if not metrics_file.exists():
+    return
+  data = metrics_file.read_bytes()
+  if data and not data.endswith(b"\n"):
+    with open(metrics_file, "r+b") as f:
+      f.truncate(data.rfind(b"\n") + 1)
+
+
 def plot_loss(metrics_file: pathlib.Path, path: pathlib.Path) -> None:
-  """Loss against step from metrics.jsonl (all of it: a resumed run's too), via a temp file + rename."""
-  history = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
+  """Loss against step from metrics.jsonl, via a temp file + rename.
+
+  All of it, a resumed run's too; a step logged twice (replayed after a crash) counts once.
+  """
+  history = {r["step"]: r for r in map(json.loads, metrics_file.read_text().splitlines())}
+  history = [history[step] for step in sorted(history)]
   if not history:
     return
   import matplotlib

@@ -10,6 +10,7 @@ the model computes in its config dtype and returns float32 logits, so the loss i
 import contextlib
 import itertools
 import logging
+import pathlib
 import time
 from typing import Callable, Iterator, NamedTuple, Sequence
 
@@ -22,13 +23,14 @@ import tqdm
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mpt_jax import metrics, sharding
+from mpt_jax import checkpoint, metrics, preemption, sharding
 from mpt_jax.config import TrainConfig
 from mpt_jax.model import MPTForCausalLM
 from mpt_jax.optim import make_optimizer
 
+CHECKPOINT_DIR = "checkpoints"  # under the workdir
 Batch = dict[str, jax.Array]  # 'input_ids' int32 [B, T], optionally 'segment_ids' int32 [B, T]
-Hook = Callable[[int, "TrainState"], None]  # called after each step with the steps done so far
+Hook = Callable[[int, "TrainState"], bool]  # called after each step with the steps done so far; True stops the run
 
 
 @flax.struct.dataclass
@@ -37,6 +39,8 @@ class TrainState:
   params: nnx.State  # float32 master weights; nnx.Param leaves carry their logical axis names
   opt_state: optax.OptState
   rng: jax.Array  # key for stochastic work (sampling); the MPT forward itself is deterministic
+  nonfinite_steps: jax.Array  # int32 []: updates skipped because the loss or grad norm was NaN/inf
+  nonfinite_streak: jax.Array  # int32 []: of those, how many in a row up to now
 
 
 def next_token_losses(logits, input_ids, segment_ids=None):
@@ -105,6 +109,7 @@ class TrainSetup(NamedTuple):
   abstract_state: TrainState  # jax.ShapeDtypeStruct leaves
   state_shardings: TrainState  # NamedSharding leaves
   init: Callable[[], TrainState]  # jitted; every array is born in its sharded layout
+  init_from_params: Callable[[nnx.State], TrainState]  # jitted; step 0 with given (e.g. converted) params
   train_step: Callable[[TrainState, Batch], tuple[TrainState, dict]]  # jitted; donates the state
   schedule: optax.Schedule
   grad_accum: int
@@ -129,10 +134,15 @@ def make_setup(config: TrainConfig, mesh: jax.sharding.Mesh) -> TrainSetup:
   grad_accum = grad_accum_steps(config, sharding.data_parallel_size(mesh))
   optimizer, schedule = make_optimizer(config.optim, config.steps)
 
+  params_key, rng_key = jax.random.split(jax.random.key(config.seed))
+
+  def init_from_params(params: nnx.State) -> TrainState:
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(step=zero, params=params, opt_state=optimizer.init(params), rng=rng_key,
+                      nonfinite_steps=zero, nonfinite_streak=zero)
+
   def init() -> TrainState:
-    params_key, rng = jax.random.split(jax.random.key(config.seed))
-    _, params = nnx.split(MPTForCausalLM(config.model, rngs=nnx.Rngs(params=params_key)))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), rng=rng)
+    return init_from_params(nnx.split(MPTForCausalLM(config.model, rngs=nnx.Rngs(params=params_key)))[1])
 
   graphdef, _ = jax.eval_shape(lambda: nnx.split(MPTForCausalLM(config.model, rngs=nnx.Rngs(0))))
   abstract_state = jax.eval_shape(init)
@@ -144,10 +154,27 @@ def make_setup(config: TrainConfig, mesh: jax.sharding.Mesh) -> TrainSetup:
         state.params, graphdef, batch, grad_accum=grad_accum, z_loss=config.z_loss, microbatch_sharding=microbatch_sharding
     )
     grads = jax.tree.map(lambda g: g / tokens, grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    step_metrics = {"loss": ce_sum / tokens, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), step_metrics
+    loss, grad_norm = ce_sum / tokens, optax.tree.norm(grads)
+
+    def update(params_and_opt_state):
+      params, opt_state = params_and_opt_state
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    # NaN/inf guard: a non-finite loss or gradient leaves parameters and optimizer untouched.
+    # lax.cond, not jnp.where: the update stays in place in the donated buffers (no second copy).
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    params, opt_state = jax.lax.cond(finite, update, lambda unchanged: unchanged, (state.params, state.opt_state))
+    skipped = (~finite).astype(jnp.int32)
+    state = state.replace(
+        step=state.step + 1,
+        params=params,
+        opt_state=opt_state,
+        nonfinite_steps=state.nonfinite_steps + skipped,
+        nonfinite_streak=(state.nonfinite_streak + 1) * skipped,
+    )
+    step_metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step - 1), "nonfinite_steps": state.nonfinite_steps}
+    return state, step_metrics
 
   replicated = sharding.replicated(mesh)
   return TrainSetup(
@@ -156,6 +183,7 @@ def make_setup(config: TrainConfig, mesh: jax.sharding.Mesh) -> TrainSetup:
       abstract_state=abstract_state,
       state_shardings=state_shardings,
       init=jax.jit(init, out_shardings=state_shardings),
+      init_from_params=jax.jit(init_from_params, in_shardings=(state_shardings.params,), out_shardings=state_shardings),
       train_step=jax.jit(
           train_step,
           in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
@@ -201,7 +229,10 @@ def train(
   After the first step, every ``config.log_every`` steps and at the end, loss, grad norm,
   LR, tokens/s, MFU and step time go to ``writer`` and the progress bar. ``hooks`` run after
   every step, when ``data_iterator`` has yielded exactly one batch per step taken (so a
-  checkpoint hook can save the iterator's position with the state).
+  checkpoint hook can save the iterator's position with the state); one returning True ends
+  the run after that step. At each logged step, more than
+  ``config.checkpoint.max_consecutive_nonfinite`` skipped (non-finite) steps in a row stop
+  the run with FloatingPointError.
   """
   state = setup.init() if start_state is None else start_state
   first_step = int(state.step)
@@ -216,10 +247,9 @@ def train(
   last_log_step, last_log_time = first_step, time.perf_counter()
   for step, batch in zip(range(first_step + 1, config.steps + 1), itertools.chain([first_batch], batches)):
     state, step_metrics = train_step(state, batch)
-    for hook in hooks:
-      hook(step, state)
+    stop = any([hook(step, state) for hook in hooks])
     progress.update()
-    if step % config.log_every and step not in (first_step + 1, config.steps):
+    if step % config.log_every and step not in (first_step + 1, config.steps) and not stop:
       continue
     step_metrics = {name: float(value) for name, value in jax.device_get(step_metrics).items()}  # waits for the step
     now = time.perf_counter()
@@ -234,6 +264,14 @@ def train(
     progress.set_postfix(loss=f"{step_metrics['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
     if writer is not None:
       writer.write(step, step_metrics)
+    patience = config.checkpoint.max_consecutive_nonfinite
+    if patience and int(state.nonfinite_streak) >= patience:
+      raise FloatingPointError(
+          f"step {step}: the last {int(state.nonfinite_streak)} steps had a non-finite loss or gradient norm "
+          f"(CheckpointConfig.max_consecutive_nonfinite={patience}); their updates were skipped and nothing was saved"
+      )
+    if stop:
+      break
   progress.close()
   return state
 
@@ -251,7 +289,10 @@ def sample(config: TrainConfig, setup: TrainSetup, state: TrainState, prompt_ids
 
 
 def main(config: TrainConfig, data_iterator: Iterator[dict[str, np.ndarray]] | None = None) -> TrainState:
-  """The training run: mesh, data, abstract state, init, loop, sample. Returns the final state.
+  """The training run: mesh, data, abstract state, restore or init, loop, sample. Returns the final state.
+
+  Resumes from WORKDIR/checkpoints when it holds a checkpoint; SIGTERM checkpoints at the
+  next step boundary and returns (the process then exits 0).
 
   ``data_iterator`` replaces mpt_jax.data's (tests and benchmarks feed synthetic tokens).
   """
@@ -268,17 +309,69 @@ def main(config: TrainConfig, data_iterator: Iterator[dict[str, np.ndarray]] | N
     with _phase("abstract state"):
       setup = make_setup(config, mesh)
       logging.info("%s parameters; gradient accumulation %d", f"{setup.n_params:,}", setup.grad_accum)
-    with _phase("init"):
-      state = setup.init()
+    checkpointer = checkpoint.TrainCheckpointer(pathlib.Path(config.workdir) / CHECKPOINT_DIR, config.checkpoint, config.model)
+    with _phase("restore or init"):
+      state = _restore_or_init(config, setup, checkpointer, data_iterator)
+    if int(state.step) >= config.steps:
+      logging.info("step %d of %d: nothing left to train", int(state.step), config.steps)
+      checkpointer.close()
+      return state
     writer = metrics.MetricsWriter(config.workdir, enabled=jax.process_index() == 0)
     try:
-      with _phase("train"):
-        state = train(config, setup, data_iterator, start_state=state, writer=writer)
+      with _phase("train"), preemption.PreemptionWatcher() as watcher:
+        saver = _CheckpointHook(config, checkpointer, data_iterator, watcher)
+        state = train(config, setup, data_iterator, start_state=state, writer=writer, hooks=[saver])
+      checkpointer.wait_until_finished()
     finally:
       writer.close()
+      checkpointer.close()
+    if saver.preempted:
+      logging.info("SIGTERM: checkpoint of step %d written; run the same command to resume", int(state.step))
+      return state
     if config.sample_tokens and jax.process_count() == 1:  # prompts are host-local numpy arrays
       with _phase("sample"):
         prompt = next(data_iterator)["input_ids"][:1, :16]  # the start of an unseen training row
         for text in sample(config, setup, state, prompt):
           logging.info("sample: %s", text)
   return state
+
+
+def _data_state(data_iterator) -> dict:
+  """The iterator's position, or {} for an iterator that cannot resume (synthetic data)."""
+  return data_iterator.get_state() if hasattr(data_iterator, "get_state") else {}
+
+
+def _restore_or_init(config: TrainConfig, setup: TrainSetup, checkpointer: checkpoint.TrainCheckpointer, data_iterator) -> TrainState:
+  """The latest checkpoint (data position included) if any; else converted weights if asked; else init."""
+  step = checkpointer.latest_step()
+  if step is not None:
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), setup.abstract_state, setup.state_shardings)
+    state, data_state = checkpointer.restore(step, target)
+    if data_state:
+      data_iterator.set_state(data_state)
+    logging.info("resumed from the checkpoint of step %d in %s", step, checkpointer.directory)
+    return state
+  if config.checkpoint.init_from:
+    pure = checkpoint.restore_params(config.checkpoint.init_from, config.model, nnx.to_pure_dict(setup.state_shardings.params))
+    params = jax.tree.map(lambda x: x, setup.abstract_state.params)
+    nnx.replace_by_pure_dict(params, pure)
+    logging.info("parameters from %s", config.checkpoint.init_from)
+    return setup.init_from_params(params)
+  return setup.init()
+
+
+class _CheckpointHook:
+  """Saves every ``every_steps``, at the last step, and when preempted (then stops the run)."""
+
+  def __init__(self, config: TrainConfig, checkpointer: checkpoint.TrainCheckpointer, data_iterator, watcher: preemption.PreemptionWatcher):
+    self.config, self.checkpointer, self.data_iterator, self.watcher = config, checkpointer, data_iterator, watcher
+    self.preempted = False
+
+  def __call__(self, step: int, state: TrainState) -> bool:
+    self.preempted = self.watcher.requested()
+    every = self.config.checkpoint.every_steps
+    if self.preempted or step == self.config.steps or (every and step % every == 0):
+      self.checkpointer.save(step, state, _data_state(self.data_iterator))
+    if self.preempted:
+      self.checkpointer.wait_until_finished()
+    return self.preempted

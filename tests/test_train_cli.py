@@ -4,7 +4,6 @@ Run as a script, this file is one worker process of the 2-process run:
   python tests/test_train_cli.py PROCESS_ID PORT WORKDIR
 """
 
-import dataclasses
 import json
 import os
 import pathlib
