@@ -1,4 +1,6 @@
-"""Autoregressive sampling: temperature / greedy decoding from an MPTForCausalLM."""
+"""Autoregressive sampling with a KV cache: temperature or greedy decoding from an MPTForCausalLM."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -9,9 +11,8 @@ from flax import nnx
 def generate(model, prompt_ids, *, max_new_tokens: int, temperature: float = 1.0, rng=None) -> np.ndarray:
   """Extends each prompt by ``max_new_tokens`` sampled tokens.
 
-  The whole [B, T0 + max_new_tokens] buffer goes through one jitted step per token (the
-  shape never changes, so it compiles once); causal attention keeps the not-yet-written
-  positions from influencing earlier ones.
+  One cached forward over the prompt (prefill), then one jitted step per new token that
+  attends to the cache: the same compiled step for every position.
 
   Args:
     model: an MPTForCausalLM.
@@ -26,26 +27,34 @@ def generate(model, prompt_ids, *, max_new_tokens: int, temperature: float = 1.0
   prompt_ids = np.asarray(prompt_ids, np.int32)
   if prompt_ids.ndim != 2 or prompt_ids.shape[1] < 1:
     raise ValueError(f"prompt_ids must be [B, T0] with T0 >= 1, got shape {prompt_ids.shape}")
-  total = prompt_ids.shape[1] + max_new_tokens
+  batch, prompt_length = prompt_ids.shape
+  total = prompt_length + max_new_tokens
   if total > model.config.max_seq_len:
-    raise ValueError(f"prompt ({prompt_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len={model.config.max_seq_len}")
+    raise ValueError(f"prompt ({prompt_length}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len={model.config.max_seq_len}")
   if temperature < 0 or (temperature > 0 and rng is None):
     raise ValueError(f"temperature must be 0 (greedy) or > 0 with an rng, got {temperature=}, rng={rng}")
-  graphdef, state = nnx.split(model)
-  tokens = jnp.zeros((prompt_ids.shape[0], total), jnp.int32).at[:, : prompt_ids.shape[1]].set(prompt_ids)
   rng = jax.random.key(0) if rng is None else rng
-  for position in range(prompt_ids.shape[1], total):
+  graphdef, state = nnx.split(model)
+  cache = model.init_cache(batch, total)
+  tokens = [jnp.asarray(prompt_ids)]
+  logits, cache = _decode(graphdef, state, tokens[0], cache, 0)
+  for position in range(prompt_length, total):
     rng, step_rng = jax.random.split(rng)
-    tokens = _sample_next(graphdef, state, tokens, position, step_rng, temperature)
-  return np.asarray(tokens)
+    next_token = _sample(logits[:, -1], step_rng, temperature)[:, None]  # [B, 1]
+    tokens.append(next_token)
+    if position + 1 < total:
+      logits, cache = _decode(graphdef, state, next_token, cache, position)
+  return np.asarray(jnp.concatenate(tokens, axis=1))
 
 
-@jax.jit(static_argnums=(0, 5))
-def _sample_next(graphdef, state, tokens, position, rng, temperature):
-  """Writes the token at ``position`` from the logits at ``position - 1``."""
-  logits = nnx.merge(graphdef, state)(tokens)[:, position - 1]  # [B, V]
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
+def _decode(graphdef, state, input_ids, cache, position):
+  return nnx.merge(graphdef, state).decode(input_ids, cache, position)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _sample(logits, rng, temperature: float):
+  """logits: [B, V] -> int32 [B]."""
   if temperature == 0:
-    next_token = jnp.argmax(logits, axis=-1)
-  else:
-    next_token = jax.random.categorical(rng, logits / temperature, axis=-1)
-  return tokens.at[:, position].set(next_token.astype(jnp.int32))
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(rng, logits / temperature, axis=-1).astype(jnp.int32)

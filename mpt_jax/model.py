@@ -11,6 +11,7 @@ V vocab, C the three fused projections (q, k, v), L layers.
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from mpt_jax.alibi import alibi_slopes
-from mpt_jax.attention import dot_product_attention
+from mpt_jax.attention import dot_product_attention, reference
 from mpt_jax.config import MPTConfig
 
 REMAT_POLICIES = {
@@ -104,8 +105,14 @@ class Attention(nnx.Module):
     out_init = _weight_init(config, d, d, residual=True)
     self.out_proj = _param(out_init, rngs, (n, h, d), config.param_dtype, ("heads", "head_dim", "embed"))
 
-  def __call__(self, x, segment_ids=None):
-    """x: [B, T, D] -> [B, T, D]."""
+  def __call__(self, x, segment_ids=None, cache=None, position=None):
+    """x: [B, T, D] -> ([B, T, D], cache).
+
+    With ``cache`` (k, v [B, S, N, H]: this layer's keys and values so far) the new keys and
+    values are written at ``position`` and the queries, there too, attend to the whole cache
+    (causal masking hides its unwritten tail); the updated cache is returned. Cached keys
+    are stored after QK-LN, as MosaicGPT's cache does (§2.8).
+    """
     c = self.config
     qkv = jnp.einsum("BTD,DCNH->BTCNH", x, self.qkv_proj[...].astype(c.dtype))
     if c.attn_clip_qkv is not None:
@@ -115,10 +122,15 @@ class Attention(nnx.Module):
       q = self.q_ln(q.reshape(*q.shape[:2], -1)).reshape(q.shape)
       k = self.k_ln(k.reshape(*k.shape[:2], -1)).reshape(k.shape)
     slopes = alibi_slopes(c.n_heads, c.alibi_bias_max, c.alibi_slope_rule)
-    out = dot_product_attention(
-        q, k, v, slopes=slopes, segment_ids=segment_ids, causal=True, scale=c.softmax_scale, impl=c.attn_impl
-    )
-    return jnp.einsum("BTNH,NHD->BTD", out, self.out_proj[...].astype(c.dtype))
+    if cache is None:
+      out = dot_product_attention(
+          q, k, v, slopes=slopes, segment_ids=segment_ids, causal=True, scale=c.softmax_scale, impl=c.attn_impl
+      )
+    else:  # a few queries against a long cache: plain XLA (flash kernels gain nothing here)
+      cache = tuple(jax.lax.dynamic_update_slice_in_dim(old, new.astype(old.dtype), position, axis=1)
+                    for old, new in zip(cache, (k, v)))
+      out = reference.attention(q, *cache, slopes=slopes, causal=True, scale=c.softmax_scale, q_offset=position)
+    return jnp.einsum("BTNH,NHD->BTD", out, self.out_proj[...].astype(c.dtype)), cache
 
 
 class MLP(nnx.Module):
@@ -153,9 +165,11 @@ class Block(nnx.Module):
     self.ln_2 = _layer_norm(config, rngs=rngs)
     self.mlp = MLP(config, rngs=rngs)
 
-  def __call__(self, x, segment_ids=None):
-    x = x + self.attn(self.ln_1(x), segment_ids).astype(x.dtype)
-    return x + self.mlp(self.ln_2(x)).astype(x.dtype)
+  def __call__(self, x, segment_ids=None, cache=None, position=None):
+    """x: [B, T, D] -> ([B, T, D], cache); see Attention for the cache."""
+    attended, cache = self.attn(self.ln_1(x), segment_ids, cache, position)
+    x = x + attended.astype(x.dtype)
+    return x + self.mlp(self.ln_2(x)).astype(x.dtype), cache
 
 
 def _stacked_blocks(config: MPTConfig, rngs: nnx.Rngs) -> Block:
@@ -167,6 +181,13 @@ def _stacked_blocks(config: MPTConfig, rngs: nnx.Rngs) -> Block:
     return Block(config, rngs=rngs)
 
   return create(rngs)
+
+
+class KVCache(NamedTuple):
+  """Keys and values of every layer for cached decoding, [L, B, S, N, H] each (after QK-LN)."""
+
+  k: jax.Array
+  v: jax.Array
 
 
 class MPTForCausalLM(nnx.Module):
@@ -193,6 +214,31 @@ class MPTForCausalLM(nnx.Module):
     Returns:
       float32 logits [B, T, vocab_size].
     """
+    logits, _ = self._forward(input_ids, segment_ids)
+    return logits
+
+  def init_cache(self, batch_size: int, max_length: int) -> KVCache:
+    """An empty KV cache for ``batch_size`` sequences of up to ``max_length`` tokens."""
+    c = self.config
+    if max_length > c.max_seq_len:
+      raise ValueError(f"cache length {max_length} exceeds max_seq_len={c.max_seq_len}")
+    shape = (c.n_layers, batch_size, max_length, c.n_heads, c.head_dim)
+    return KVCache(jnp.zeros(shape, c.dtype), jnp.zeros(shape, c.dtype))
+
+  def decode(self, input_ids, cache: KVCache, position):
+    """Cached incremental forward: logits of ``input_ids`` placed at ``position`` onwards.
+
+    Args:
+      input_ids: int [B, T]: the prompt (position 0) or the next token(s).
+      cache: from init_cache, holding the keys and values of positions < ``position``.
+      position: int (may be traced) where input_ids start; position + T <= cache length.
+
+    Returns:
+      (float32 logits [B, T, vocab_size], the cache with these positions written).
+    """
+    return self._forward(input_ids, None, cache, position)
+
+  def _forward(self, input_ids, segment_ids, cache=None, position=None):
     c = self.config
     if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
       raise ValueError(f"input_ids must be integer [B, T], got {input_ids.dtype}{list(input_ids.shape)}")
@@ -204,27 +250,33 @@ class MPTForCausalLM(nnx.Module):
     x = jnp.take(wte, input_ids, axis=0).astype(c.dtype)  # [B, T, D]
     if c.embedding_fraction < 1.0:
       x = x * c.embedding_fraction + jax.lax.stop_gradient(x) * (1.0 - c.embedding_fraction)
-    x = self._apply_blocks(x, segment_ids)
+    x, cache = self._apply_blocks(x, segment_ids, cache, position)
     x = self.ln_f(x)
     logits = jnp.einsum("BTD,VD->BTV", x, wte.astype(x.dtype), preferred_element_type=jnp.float32)
     if c.logit_multiplier is not None:
       logits = logits * c.logit_multiplier
-    return logits
+    return logits, cache
 
-  def _apply_blocks(self, x, segment_ids):
-    def apply_block(x, block_state):
-      return nnx.merge(graphdef, block_state)(x, segment_ids)
+  def _apply_blocks(self, x, segment_ids, cache: KVCache | None, position):
+    """x through every block; with a cache, each layer reads and writes its slice [l]."""
+
+    def apply_block(x, block_state, layer_cache):
+      return nnx.merge(graphdef, block_state)(x, segment_ids, layer_cache, position)
 
     if self.config.remat != "none":
       apply_block = jax.checkpoint(apply_block, policy=REMAT_POLICIES[self.config.remat], prevent_cse=False)
     if self.config.scan_layers:
       graphdef, stacked = nnx.split(self.blocks)
-      x, _ = jax.lax.scan(lambda x, state: (apply_block(x, state), None), x, stacked)
-      return x
-    for block in self.blocks:
+      x, cache = jax.lax.scan(lambda x, layer: apply_block(x, *layer), x, (stacked, cache))
+      return x, None if cache is None else KVCache(*cache)
+    layer_caches = []
+    for i, block in enumerate(self.blocks):
       graphdef, state = nnx.split(block)
-      x = apply_block(x, state)
-    return x
+      x, layer_cache = apply_block(x, state, None if cache is None else (cache.k[i], cache.v[i]))
+      layer_caches.append(layer_cache)
+    if cache is None:
+      return x, None
+    return x, KVCache(*(jnp.stack(kv) for kv in zip(*layer_caches)))
 
 
 def stack_layers(layers: list[dict]) -> dict:

@@ -1,4 +1,6 @@
-"""Sampling: greedy decoding is the argmax of the full forward at every step."""
+"""Cached decoding equals the full forward; sampling is greedy argmax or seeded categorical."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,26 @@ CONFIG = MPTConfig(d_model=32, n_heads=4, n_layers=2, max_seq_len=24, vocab_size
 @pytest.fixture(scope="module")
 def model():
   return MPTForCausalLM(CONFIG, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("scan_layers", [True, False], ids=lambda s: f"scan={s}")
+def test_cached_decode_equals_the_full_forward(scan_layers):
+  """A prompt prefilled at once, then tokens one by one, give the logits of one full pass."""
+  model = MPTForCausalLM(dataclasses.replace(CONFIG, scan_layers=scan_layers), rngs=nnx.Rngs(4))
+  ids = jax.random.randint(jax.random.key(5), (3, 13), 0, CONFIG.vocab_size)
+  cache = model.init_cache(3, 20)  # longer than used: the unwritten tail must stay masked
+  logits, cache = model.decode(ids[:, :6], cache, 0)
+  pieces = [logits]
+  for position in range(6, 13):
+    logits, cache = model.decode(ids[:, position : position + 1], cache, position)
+    pieces.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), model(ids), rtol=1e-5, atol=1e-5)
+  assert cache.k.shape == (CONFIG.n_layers, 3, 20, CONFIG.n_heads, CONFIG.head_dim)
+
+
+def test_cache_longer_than_max_seq_len_raises(model):
+  with pytest.raises(ValueError, match="max_seq_len"):
+    model.init_cache(1, CONFIG.max_seq_len + 1)
 
 
 def test_greedy_extends_the_prompt_with_argmax_tokens(model):

@@ -10,19 +10,21 @@ import jax.numpy as jnp
 from mpt_jax.attention import masks
 
 
-def attention(q, k, v, *, slopes, segment_ids=None, causal=True, scale=None, precision=None):
+def attention(q, k, v, *, slopes, segment_ids=None, causal=True, scale=None, precision=None, q_offset=None):
   """Multi-head attention with in-graph ALiBi.
 
   Args:
-    q: [B, T, N, H] queries; they sit at the last T of the S key positions (T <= S), as
-      MosaicGPT slices its bias ``[-T:, -S:]``.
+    q: [B, T, N, H] queries at positions q_offset .. q_offset + T - 1 of the S keys; by
+      default the last T (T <= S), as MosaicGPT slices its bias ``[-T:, -S:]``.
     k, v: [B, S, N, H].
     slopes: [N] ALiBi slopes (float32).
     segment_ids: optional int [B, S]; tokens attend only within their own segment
-      (packed documents). Query segments are the last T entries.
+      (packed documents). Query segments are the entries at the query positions.
     causal: mask keys after the query.
     scale: softmax scale; defaults to 1/sqrt(H).
     precision: matmul precision (tests pass HIGHEST for an exact float32 reference).
+    q_offset: position of the first query (may be traced); None: S - T. Cached decoding
+      passes the write position, so keys past the queries (unwritten cache) are masked.
 
   Returns:
     [B, T, N, H] in q's dtype.
@@ -31,14 +33,15 @@ def attention(q, k, v, *, slopes, segment_ids=None, causal=True, scale=None, pre
   scale = head_dim**-0.5 if scale is None else scale
   scores = jnp.einsum("BTNH,BSNH->BNTS", q, k, precision=precision, preferred_element_type=jnp.float32)
   scores = scores * scale
-  q_pos = jnp.arange(s - t, s)[:, None]  # [T, 1]
+  q_offset = s - t if q_offset is None else q_offset
+  q_pos = q_offset + jnp.arange(t)[:, None]  # [T, 1]
   k_pos = jnp.arange(s)[None, :]  # [1, S]
   slopes = jnp.asarray(slopes, jnp.float32)[None, :, None, None]  # [1, N, 1, 1]
   scores = scores + masks.alibi_bias(slopes, q_pos, k_pos, causal=causal)
   if segment_ids is None:
     keep = masks.keep_mask(q_pos, k_pos, causal=causal)[None, None]
   else:
-    q_seg = segment_ids[:, None, s - t :, None]  # [B, 1, T, 1]
+    q_seg = jax.lax.dynamic_slice_in_dim(segment_ids, q_offset, t, axis=1)[:, None, :, None]  # [B, 1, T, 1]
     k_seg = segment_ids[:, None, None, :]  # [B, 1, 1, S]
     keep = masks.keep_mask(q_pos, k_pos, q_seg, k_seg, causal=causal)
   scores = jnp.where(keep, scores, masks.MASK_VALUE)
