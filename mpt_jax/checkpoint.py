@@ -29,6 +29,7 @@ from flax import nnx
 
 from mpt_jax.config import CheckpointConfig, MPTConfig
 from mpt_jax.model import MPTForCausalLM, stack_layers, unstack_layers
+from mpt_jax.sharding import with_shardings
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -151,9 +152,8 @@ def restore_params(path: str | os.PathLike, config: MPTConfig, shardings: dict[s
     params["blocks"] = _relayout_blocks(params["blocks"], config)
     return jax.device_put(jax.tree.map(lambda x: x.astype(config.param_dtype), params), shardings)
   stored = abstract_params(dataclasses.replace(config, scan_layers=saved.scan_layers))
-  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), stored, shardings)
   with ocp.StandardCheckpointer() as checkpointer:
-    return checkpointer.restore(pathlib.Path(path).absolute() / PARAMS_DIR, target)
+    return checkpointer.restore(pathlib.Path(path).absolute() / PARAMS_DIR, with_shardings(stored, shardings))
 
 
 def model_from_params(config: MPTConfig, params: dict[str, Any]) -> MPTForCausalLM:

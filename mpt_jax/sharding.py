@@ -110,6 +110,11 @@ def tree_shardings(abstract_tree, mesh: jax.sharding.Mesh):
   return jax.tree.map(to_sharding, logical, abstract_tree)
 
 
+def with_shardings(abstract_tree, shardings):
+  """ShapeDtypeStructs that also say where each array goes: a restore target (orbax, device_put)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_tree, shardings)
+
+
 def global_batch(local_rows: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
   """This process's rows -> global arrays sharded over (data, fsdp); each process feeds its part."""
   out = {}

@@ -345,8 +345,7 @@ def _restore_or_init(config: TrainConfig, setup: TrainSetup, checkpointer: check
   """The latest checkpoint (data position included) if any; else converted weights if asked; else init."""
   step = checkpointer.latest_step()
   if step is not None:
-    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), setup.abstract_state, setup.state_shardings)
-    state, data_state = checkpointer.restore(step, target)
+    state, data_state = checkpointer.restore(step, sharding.with_shardings(setup.abstract_state, setup.state_shardings))
     if data_state:
       data_iterator.set_state(data_state)
     logging.info("resumed from the checkpoint of step %d in %s", step, checkpointer.directory)

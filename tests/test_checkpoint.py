@@ -152,7 +152,7 @@ def test_checkpoint_saved_on_8_devices_restores_on_fewer(tmp_path, n_devices):
   saver.save(3, saved, {"step": 3})
   saver.wait_until_finished()
   mesh, setup = _setup(config, jax.devices()[:n_devices])
-  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), setup.abstract_state, setup.state_shardings)
+  target = sharding.with_shardings(setup.abstract_state, setup.state_shardings)
   restored, data_state = checkpoint.TrainCheckpointer(tmp_path / "ckpt", config.checkpoint, TINY).restore(3, target)
   assert data_state == {"step": 3}
   for before, after in zip(jax.tree.leaves(saved), jax.tree.leaves(restored)):
