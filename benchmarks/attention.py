@@ -12,14 +12,19 @@ few back-to-back calls on rotating inputs, after warm-up, ended by block_until_r
 import argparse
 import dataclasses
 import functools
+import pathlib
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mpt_jax.alibi import alibi_slopes
-from mpt_jax.attention import dot_product_attention, pallas_triton, reference
+if __package__ in (None, ""):  # run as a script: make the repository importable
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from mpt_jax.alibi import alibi_slopes  # noqa: E402
+from mpt_jax.attention import dot_product_attention, pallas_triton, reference  # noqa: E402
 
 BATCH, SEQ, HEADS, HEAD_DIM = 8, 2048, 16, 128
 PACKED_DOCS = 4

@@ -13,13 +13,17 @@ import os
 import pathlib
 import platform
 import statistics
+import sys
 import tempfile
 import time
 
 import tyro
 
-from mpt_jax.config import DataConfig, MPTConfig, TrainConfig
-from mpt_jax.data import corpus, load_tokenizer, make_train_iterator
+if __package__ in (None, ""):  # run as a script: make the repository importable
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from mpt_jax.config import DataConfig, MPTConfig, TrainConfig  # noqa: E402
+from mpt_jax.data import corpus, load_tokenizer, make_train_iterator  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

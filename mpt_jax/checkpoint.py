@@ -34,7 +34,7 @@ from mpt_jax.sharding import with_shardings
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 # Fields that say how the stored tree looks (not part of the PyTorch config schema).
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "attn_impl", "scan_layers", "remat")
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "attn_impl", "norm_impl", "scan_layers", "scan_unroll", "remat")
 
 
 @contextlib.contextmanager
@@ -167,7 +167,7 @@ def model_from_params(config: MPTConfig, params: dict[str, Any]) -> MPTForCausal
 
 # Fields that may change between a run and its resumption; every other MPTConfig field
 # decides the function or the shape of the stored state.
-_RESUMABLE_FIELDS = ("dtype", "attn_impl", "remat")
+_RESUMABLE_FIELDS = ("dtype", "attn_impl", "norm_impl", "scan_unroll", "remat")
 MODEL_CONFIG_FILE = "model_config.json"
 
 

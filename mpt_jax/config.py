@@ -17,6 +17,7 @@ INIT_FNS = ("kaiming_normal_", "normal_")
 NONLINEARITIES = ("relu", "leaky_relu", "linear")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTN_IMPLS = ("auto", "xla", "pallas", "cudnn")
+NORM_IMPLS = ("auto", "xla", "pallas")
 REMAT_POLICIES = ("none", "full", "save_dots")
 
 
@@ -54,11 +55,13 @@ class MPTConfig:
   dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # compute dtype
   param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # stored parameters
   attn_impl: Literal["auto", "xla", "pallas", "cudnn"] = "auto"  # see mpt_jax.attention
+  norm_impl: Literal["auto", "xla", "pallas"] = "auto"  # LayerNorm (mpt_jax.ops): Pallas kernels on GPUs by default
   scan_layers: bool = True  # stack the blocks and lax.scan over them (compile time flat in depth)
+  scan_unroll: int = 1  # blocks per scan iteration; n_layers: straight-line code (faster on GPU, compiles longer)
   remat: Literal["none", "full", "save_dots"] = "none"  # activation checkpointing per block
 
   def __post_init__(self):
-    for name in ("d_model", "n_heads", "n_layers", "mlp_ratio", "max_seq_len", "vocab_size"):
+    for name in ("d_model", "n_heads", "n_layers", "mlp_ratio", "max_seq_len", "vocab_size", "scan_unroll"):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"MPTConfig.{name} must be a positive integer, got {value!r}")
@@ -86,6 +89,7 @@ class MPTConfig:
     _require_choice(self, "dtype", DTYPES)
     _require_choice(self, "param_dtype", DTYPES)
     _require_choice(self, "attn_impl", ATTN_IMPLS)
+    _require_choice(self, "norm_impl", NORM_IMPLS)
     _require_choice(self, "remat", REMAT_POLICIES)
 
   @property

@@ -9,7 +9,6 @@ Dimension letters: B batch, T positions, N heads, H head dim, D d_model, F MLP h
 V vocab, C the three fused projections (q, k, v), L layers.
 """
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mpt_jax import ops
 from mpt_jax.alibi import alibi_slopes
 from mpt_jax.attention import dot_product_attention, reference
 from mpt_jax.config import MPTConfig
@@ -63,31 +63,21 @@ class LayerNorm(nnx.Module):
   """LayerNorm with a scale and no bias (``no_bias`` strips LayerNorm biases too, §2.6).
 
   Statistics in float32; the output is cast to ``dtype`` (LPLayerNorm's bf16 output).
+  ``impl`` picks mpt_jax.ops.layer_norm's implementation (Pallas kernels on GPUs).
   """
 
-  def __init__(self, dim: int, *, eps: float, dtype, param_dtype, rngs: nnx.Rngs):
-    self.eps, self.dtype = eps, dtype
+  def __init__(self, dim: int, *, eps: float, dtype, param_dtype, impl: str = "auto", rngs: nnx.Rngs):
+    self.eps, self.dtype, self.impl = eps, dtype, impl
     self.scale = _param(jax.nn.initializers.ones, rngs, (dim,), param_dtype, ("norm",))
 
   def __call__(self, x):
-    return _layer_norm_fn(x, self.scale[...], self.eps, self.dtype)
-
-
-@functools.partial(jax.checkpoint, static_argnums=(2, 3))
-def _layer_norm_fn(x, scale, eps, dtype):
-  """Rematerialized: the backward keeps only x (compute dtype), not four float32 copies of it."""
-  x = x.astype(jnp.float32)
-  mean = jnp.mean(x, axis=-1, keepdims=True)
-  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-  y = (x - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32)
-  return y.astype(dtype)
+    return ops.layer_norm(x, self.scale[...], self.eps, self.dtype, self.impl)
 
 
 def _layer_norm(config: MPTConfig, *, rngs: nnx.Rngs, dtype=None) -> LayerNorm:
   norm_dtype = config.dtype if config.low_precision_layernorm else jnp.float32
-  return LayerNorm(
-      config.d_model, eps=config.layer_norm_eps, dtype=dtype or norm_dtype, param_dtype=config.param_dtype, rngs=rngs
-  )
+  return LayerNorm(config.d_model, eps=config.layer_norm_eps, dtype=dtype or norm_dtype, param_dtype=config.param_dtype,
+                   impl=config.norm_impl, rngs=rngs)
 
 
 class Attention(nnx.Module):
@@ -117,7 +107,8 @@ class Attention(nnx.Module):
     qkv = jnp.einsum("BTD,DCNH->BTCNH", x, self.qkv_proj[...].astype(c.dtype))
     if c.attn_clip_qkv is not None:
       qkv = jnp.clip(qkv, -c.attn_clip_qkv, c.attn_clip_qkv)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, N, H]
+    # split, not three slices: its transpose is one concatenate, not three pads and two adds.
+    q, k, v = (part.squeeze(2) for part in jnp.split(qkv, 3, axis=2))  # [B, T, N, H]
     if c.attn_qk_ln:
       q = self.q_ln(q.reshape(*q.shape[:2], -1)).reshape(q.shape)
       k = self.k_ln(k.reshape(*k.shape[:2], -1)).reshape(k.shape)
@@ -146,14 +137,8 @@ class MLP(nnx.Module):
   def __call__(self, x):
     """x: [B, T, D] -> [B, T, D]."""
     hidden = jnp.einsum("BTD,DF->BTF", x, self.up_proj[...].astype(self.dtype))
-    hidden = _exact_gelu(hidden)
+    hidden = ops.exact_gelu(hidden)
     return jnp.einsum("BTF,FD->BTD", hidden, self.down_proj[...].astype(self.dtype))
-
-
-@jax.checkpoint
-def _exact_gelu(x):
-  """erf GELU, rematerialized: the backward keeps its [B, T, F] input only, not the erf terms."""
-  return jax.nn.gelu(x, approximate=False)
 
 
 class Block(nnx.Module):
@@ -214,7 +199,21 @@ class MPTForCausalLM(nnx.Module):
     Returns:
       float32 logits [B, T, vocab_size].
     """
-    logits, _ = self._forward(input_ids, segment_ids)
+    return self.head(self.hidden_states(input_ids, segment_ids))
+
+  def hidden_states(self, input_ids, segment_ids=None):
+    """The final LayerNorm's output, [B, T, D] in the compute dtype: what the head reads.
+
+    Training feeds it to mpt_jax.loss.head_cross_entropy, which fuses the head with the loss.
+    """
+    hidden, _ = self._forward(input_ids, segment_ids)
+    return hidden
+
+  def head(self, hidden):
+    """Tied output head: [B, T, D] -> float32 logits [B, T, vocab_size]."""
+    logits = jnp.einsum("BTD,VD->BTV", hidden, self.wte[...].astype(hidden.dtype), preferred_element_type=jnp.float32)
+    if self.config.logit_multiplier is not None:
+      logits = logits * self.config.logit_multiplier
     return logits
 
   def init_cache(self, batch_size: int, max_length: int) -> KVCache:
@@ -236,9 +235,11 @@ class MPTForCausalLM(nnx.Module):
     Returns:
       (float32 logits [B, T, vocab_size], the cache with these positions written).
     """
-    return self._forward(input_ids, None, cache, position)
+    hidden, cache = self._forward(input_ids, None, cache, position)
+    return self.head(hidden), cache
 
   def _forward(self, input_ids, segment_ids, cache=None, position=None):
+    """(final hidden states [B, T, D], cache)."""
     c = self.config
     if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
       raise ValueError(f"input_ids must be integer [B, T], got {input_ids.dtype}{list(input_ids.shape)}")
@@ -246,16 +247,11 @@ class MPTForCausalLM(nnx.Module):
       raise ValueError(f"input length {input_ids.shape[1]} exceeds max_seq_len={c.max_seq_len}")
     if segment_ids is not None and segment_ids.shape != input_ids.shape:
       raise ValueError(f"segment_ids shape {segment_ids.shape} must equal input_ids shape {input_ids.shape}")
-    wte = self.wte[...]
-    x = jnp.take(wte, input_ids, axis=0).astype(c.dtype)  # [B, T, D]
+    x = jnp.take(self.wte[...], input_ids, axis=0).astype(c.dtype)  # [B, T, D]
     if c.embedding_fraction < 1.0:
       x = x * c.embedding_fraction + jax.lax.stop_gradient(x) * (1.0 - c.embedding_fraction)
     x, cache = self._apply_blocks(x, segment_ids, cache, position)
-    x = self.ln_f(x)
-    logits = jnp.einsum("BTD,VD->BTV", x, wte.astype(x.dtype), preferred_element_type=jnp.float32)
-    if c.logit_multiplier is not None:
-      logits = logits * c.logit_multiplier
-    return logits, cache
+    return self.ln_f(x), cache
 
   def _apply_blocks(self, x, segment_ids, cache: KVCache | None, position):
     """x through every block; with a cache, each layer reads and writes its slice [l]."""
@@ -267,7 +263,7 @@ class MPTForCausalLM(nnx.Module):
       apply_block = jax.checkpoint(apply_block, policy=REMAT_POLICIES[self.config.remat], prevent_cse=False)
     if self.config.scan_layers:
       graphdef, stacked = nnx.split(self.blocks)
-      x, cache = jax.lax.scan(lambda x, layer: apply_block(x, *layer), x, (stacked, cache))
+      x, cache = jax.lax.scan(lambda x, layer: apply_block(x, *layer), x, (stacked, cache), unroll=self.config.scan_unroll)
       return x, None if cache is None else KVCache(*cache)
     layer_caches = []
     for i, block in enumerate(self.blocks):

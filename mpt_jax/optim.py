@@ -11,6 +11,7 @@ that from stock optax parts. ``update`` is Adam's bias-corrected m / (sqrt(v) + 
 AdamW, which DecoupledAdamW extends) or Lion's sign step (DecoupledLionW).
 """
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -34,8 +35,21 @@ def cosine_with_warmup(peak_lr: float, *, warmup_steps: int, total_steps: int, a
   return schedule
 
 
+def clip_by_global_norm(grads, grad_norm, max_norm: float):
+  """torch's clip_grad_norm_: grads * max_norm / grad_norm where grad_norm exceeds max_norm.
+
+  Takes the norm the train step has already computed (for logging and the NaN guard), so
+  the gradients are read once for it, not twice as with optax.clip_by_global_norm in the
+  optimizer chain. ``max_norm <= 0`` disables clipping.
+  """
+  if max_norm <= 0:
+    return grads
+  factor = jnp.where(grad_norm > max_norm, max_norm / grad_norm, 1.0)
+  return jax.tree.map(lambda g: g * factor.astype(g.dtype), grads)
+
+
 def make_optimizer(config: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Gradient clipping, then decoupled AdamW or LionW on the cosine-with-warmup schedule.
+  """Decoupled AdamW or LionW on the cosine-with-warmup schedule (clip first: clip_by_global_norm).
 
   Returns the transformation and its schedule (for logging the LR of each step).
   """
@@ -53,9 +67,7 @@ def make_optimizer(config: OptimConfig, total_steps: int) -> tuple[optax.Gradien
     direction = optax.scale_by_lion(b1=b1, b2=b2)
   else:
     raise ValueError(f"OptimConfig.name must be 'decoupled_adamw' or 'decoupled_lionw', got {config.name!r}")
-  clip = [optax.clip_by_global_norm(config.grad_clip_norm)] if config.grad_clip_norm > 0 else []
   tx = optax.chain(
-      *clip,
       direction,
       optax.add_decayed_weights(config.weight_decay / config.lr),
       optax.scale_by_learning_rate(schedule),

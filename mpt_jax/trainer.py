@@ -4,7 +4,8 @@ Data flow (DESIGN.md): config -> mesh -> abstract state (shapes and shardings, n
 allocated) -> init straight into the sharded layout -> loop { batch -> jit train_step ->
 metrics }. The model is split once into (graphdef, params) and merged inside the jitted step
 (flax examples/nnx_toy_examples/01_functional_api.py). Parameters are float32 master weights;
-the model computes in its config dtype and returns float32 logits, so the loss is float32.
+the model computes in its config dtype; the loss (mpt_jax.loss) forms float32 logits chunk by
+chunk from the final hidden states and is float32.
 """
 
 import contextlib
@@ -23,10 +24,10 @@ import tqdm
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mpt_jax import checkpoint, metrics, preemption, sharding
+from mpt_jax import checkpoint, loss, metrics, preemption, sharding
 from mpt_jax.config import TrainConfig
 from mpt_jax.model import MPTForCausalLM
-from mpt_jax.optim import make_optimizer
+from mpt_jax.optim import clip_by_global_norm, make_optimizer
 
 CHECKPOINT_DIR = "checkpoints"  # under the workdir
 Batch = dict[str, jax.Array]  # 'input_ids' int32 [B, T], optionally 'segment_ids' int32 [B, T]
@@ -43,47 +44,22 @@ class TrainState:
   nonfinite_streak: jax.Array  # int32 []: of those, how many in a row up to now
 
 
-def next_token_losses(logits, input_ids, segment_ids=None):
-  """Cross-entropy of each position's next token, llm-foundry style.
+def _objective(params, graphdef, batch: Batch, z_loss: float):
+  """(objective, cross-entropy) of one (micro)batch, each already divided by the batch's token count.
 
-  Targets are input_ids shifted left by one; the last position of a row has no target, and
-  with segment_ids a position whose next token starts another document predicts nothing.
-
-  Args:
-    logits: float32 [B, T, V].
-    input_ids: int [B, T].
-    segment_ids: optional int [B, T].
-
-  Returns:
-    (cross_entropy, logsumexp, mask), each [B, T]; mask is True where a prediction counts.
-  """
-  t = input_ids.shape[1]
-  targets = jnp.roll(input_ids, -1, axis=1)  # [B, T]
-  mask = jnp.broadcast_to(jnp.arange(t) < t - 1, input_ids.shape)
-  if segment_ids is not None:
-    mask = mask & (segment_ids == jnp.roll(segment_ids, -1, axis=1))
-  logsumexp = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
-  target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return logsumexp - target_logits, logsumexp, mask
-
-
-def _loss_sums(params, graphdef, batch: Batch, z_loss: float):
-  """(objective summed over predicted tokens, (cross-entropy sum, token count)).
-
-  Sums, not means, so microbatches add up to exactly the full batch's mean once divided by
-  the total count. The z-loss (PaLM §5) pulls log Z toward 0 for numerical stability.
+  ``batch`` carries 'targets' and 'weights' (mask / predicted tokens of the whole step), so
+  microbatches add up to exactly the full batch's mean.
   """
   model = nnx.merge(graphdef, params)
-  logits = model(batch["input_ids"], batch.get("segment_ids"))
-  cross_entropy, logsumexp, mask = next_token_losses(logits, batch["input_ids"], batch.get("segment_ids"))
-  ce_sum = jnp.sum(jnp.where(mask, cross_entropy, 0.0))
-  objective = ce_sum + z_loss * jnp.sum(jnp.where(mask, jnp.square(logsumexp), 0.0))
-  return objective, (ce_sum, jnp.sum(mask, dtype=jnp.float32))
+  hidden = model.hidden_states(batch["input_ids"], batch.get("segment_ids"))
+  with jax.named_scope("loss"):
+    return loss.head_cross_entropy(hidden, model.wte[...], batch["targets"], batch["weights"], z_loss=z_loss,
+                                   logit_scale=model.config.logit_multiplier)
 
 
 def _accumulated_gradients(params, graphdef, batch: Batch, *, grad_accum: int, z_loss: float, microbatch_sharding):
-  """Gradient of the objective summed over the batch, in ``grad_accum`` sequential microbatches."""
-  grad_fn = jax.grad(_loss_sums, has_aux=True)
+  """Gradient of the mean objective over the batch, in ``grad_accum`` sequential microbatches."""
+  grad_fn = jax.grad(_objective, has_aux=True)
   if grad_accum == 1:
     return grad_fn(params, graphdef, batch, z_loss)
 
@@ -92,13 +68,33 @@ def _accumulated_gradients(params, graphdef, batch: Batch, *, grad_accum: int, z
     return jax.lax.with_sharding_constraint(x, microbatch_sharding)
 
   def accumulate(carry, microbatch):
-    grads, ce_sum, tokens = carry
-    g, (ce, n) = grad_fn(params, graphdef, microbatch, z_loss)
-    return (jax.tree.map(jnp.add, grads, g), ce_sum + ce, tokens + n), None
+    grads, cross_entropy = carry
+    g, ce = grad_fn(params, graphdef, microbatch, z_loss)
+    return (jax.tree.map(jnp.add, grads, g), cross_entropy + ce), None
 
-  zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros(()))
-  (grads, ce_sum, tokens), _ = jax.lax.scan(accumulate, zeros, jax.tree.map(split, batch))
-  return grads, (ce_sum, tokens)
+  zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()))
+  (grads, cross_entropy), _ = jax.lax.scan(accumulate, zeros, jax.tree.map(split, batch))
+  return grads, cross_entropy
+
+
+def _with_targets(batch: Batch) -> Batch:
+  """Adds next-token 'targets' and 'weights' (mask / number of predicted tokens in the whole batch)."""
+  targets, mask = loss.next_token_targets(batch["input_ids"], batch.get("segment_ids"))
+  weights = mask / jnp.maximum(jnp.sum(mask, dtype=jnp.float32), 1.0)
+  return {**batch, "targets": targets, "weights": weights}
+
+
+def guarded_update(optimizer: optax.GradientTransformation, grads, params, opt_state, *, finite):
+  """Optimizer update, kept only where ``finite`` (the NaN/inf guard).
+
+  A select per element, which XLA fuses into the update's own pass over the parameters
+  and moments, so the guard reads and writes nothing extra (a lax.cond around the update
+  cost ~3 ms per MPT-1B step: docs/performance.md).
+  """
+  updates, new_opt_state = optimizer.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+  return jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt_state, opt_state)
 
 
 class TrainSetup(NamedTuple):
@@ -150,21 +146,15 @@ def make_setup(config: TrainConfig, mesh: jax.sharding.Mesh) -> TrainSetup:
   microbatch_sharding = NamedSharding(mesh, PartitionSpec(None, sharding.BATCH_AXES))
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-    grads, (ce_sum, tokens) = _accumulated_gradients(
-        state.params, graphdef, batch, grad_accum=grad_accum, z_loss=config.z_loss, microbatch_sharding=microbatch_sharding
+    grads, loss_value = _accumulated_gradients(
+        state.params, graphdef, _with_targets(batch), grad_accum=grad_accum, z_loss=config.z_loss,
+        microbatch_sharding=microbatch_sharding,
     )
-    grads = jax.tree.map(lambda g: g / tokens, grads)
-    loss, grad_norm = ce_sum / tokens, optax.tree.norm(grads)
-
-    def update(params_and_opt_state):
-      params, opt_state = params_and_opt_state
-      updates, opt_state = optimizer.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state
-
-    # NaN/inf guard: a non-finite loss or gradient leaves parameters and optimizer untouched.
-    # lax.cond, not jnp.where: the update stays in place in the donated buffers (no second copy).
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    params, opt_state = jax.lax.cond(finite, update, lambda unchanged: unchanged, (state.params, state.opt_state))
+    with jax.named_scope("optimizer"):
+      grad_norm = optax.tree.norm(grads)
+      grads = clip_by_global_norm(grads, grad_norm, config.optim.grad_clip_norm)
+      finite = jnp.isfinite(loss_value) & jnp.isfinite(grad_norm)
+      params, opt_state = guarded_update(optimizer, grads, state.params, state.opt_state, finite=finite)
     skipped = (~finite).astype(jnp.int32)
     state = state.replace(
         step=state.step + 1,
@@ -173,7 +163,7 @@ def make_setup(config: TrainConfig, mesh: jax.sharding.Mesh) -> TrainSetup:
         nonfinite_steps=state.nonfinite_steps + skipped,
         nonfinite_streak=(state.nonfinite_streak + 1) * skipped,
     )
-    step_metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step - 1), "nonfinite_steps": state.nonfinite_steps}
+    step_metrics = {"loss": loss_value, "grad_norm": grad_norm, "lr": schedule(state.step - 1), "nonfinite_steps": state.nonfinite_steps}
     return state, step_metrics
 
   replicated = sharding.replicated(mesh)

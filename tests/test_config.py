@@ -35,7 +35,9 @@ def test_published_preset_has_exactly_the_released_parameter_count():
 
 
 def test_published_preset_is_the_released_config_json():
-  assert configs.get_config("mpt_1b_redpajama_200b").model == MPTConfig.from_hf_dict(MPT_1B_CONFIG_JSON)
+  """The architecture exactly; of the run-time fields the preset sets only the layer unroll (speed)."""
+  model = configs.get_config("mpt_1b_redpajama_200b").model
+  assert model == MPTConfig.from_hf_dict(MPT_1B_CONFIG_JSON, scan_unroll=model.n_layers)
 
 
 def test_published_run_is_200b_tokens_at_2200_x_2048():

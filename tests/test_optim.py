@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from mpt_jax.config import OptimConfig
-from mpt_jax.optim import cosine_with_warmup, make_optimizer
+from mpt_jax.optim import clip_by_global_norm, cosine_with_warmup, make_optimizer
 
 LR, WARMUP, TOTAL, ALPHA_F = 2e-4, 100, 44_389, 0.1
 MIDDLE = WARMUP + (TOTAL - WARMUP) // 2
@@ -63,9 +63,12 @@ def _composer_reference(name, params, grads_per_step, config: OptimConfig, total
   return p
 
 
-def _run(tx, params, grads_per_step):
+def _run(tx, params, grads_per_step, max_norm=0.0):
+  """The train step's order: clip by the global norm, then the optimizer."""
+
   @jax.jit
   def step(params, state, grads):
+    grads = clip_by_global_norm(grads, optax.tree.norm(grads), max_norm)
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
@@ -87,7 +90,7 @@ def test_optimizer_matches_composer_update_rule(name):
       for i in range(total)
   ]
   tx, _ = make_optimizer(config, total)
-  got = _run(tx, params, grads_per_step)
+  got = _run(tx, params, grads_per_step, config.grad_clip_norm)
   expected = _composer_reference(name, {k: np.asarray(v) for k, v in params.items()}, grads_per_step, config, total)
   for k in params:
     np.testing.assert_allclose(got[k], expected[k], rtol=1e-5, atol=1e-6, err_msg=k)

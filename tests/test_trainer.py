@@ -3,13 +3,16 @@
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
-from mpt_jax import metrics, sharding, trainer
+from mpt_jax import loss, metrics, sharding, trainer
 from mpt_jax.config import MeshConfig, MPTConfig, OptimConfig, TrainConfig
 from mpt_jax.model import MPTForCausalLM
+from mpt_jax.optim import make_optimizer
 
 TINY = MPTConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=128, max_seq_len=32, dtype="float32", attn_impl="xla")
 CONFIG = TrainConfig(
@@ -22,28 +25,16 @@ CONFIG = TrainConfig(
 )
 
 
-def _numpy_log_softmax(logits):
-  logits = logits.astype(np.float64)
-  shifted = logits - logits.max(-1, keepdims=True)
-  return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-
-
-def test_next_token_losses_shift_targets_and_skip_row_ends_and_document_boundaries():
-  k_logits, k_ids = jax.random.split(jax.random.key(0))
-  logits = np.asarray(jax.random.normal(k_logits, (2, 7, 11)) * 3.0)
-  ids = np.asarray(jax.random.randint(k_ids, (2, 7), 0, 11))
+def test_next_token_targets_shift_left_and_skip_row_ends_and_document_boundaries():
+  ids = np.array([[5, 6, 7, 8, 9, 10, 11], [1, 2, 3, 4, 5, 6, 7]])
   segments = np.array([[1, 1, 1, 2, 2, 2, 2], [1, 1, 1, 1, 1, 1, 1]])
-  cross_entropy, logsumexp, mask = trainer.next_token_losses(logits, ids, segments)
-  log_probs = _numpy_log_softmax(logits)
-  for b in range(2):
-    for t in range(6):
-      np.testing.assert_allclose(cross_entropy[b, t], -log_probs[b, t, ids[b, t + 1]], rtol=1e-5)
-  np.testing.assert_allclose(logsumexp, np.log(np.exp(logits.astype(np.float64)).sum(-1)), rtol=1e-5)
+  targets, mask = loss.next_token_targets(ids, segments)
+  np.testing.assert_array_equal(targets[:, :6], ids[:, 1:])
   expected_mask = np.ones((2, 7), bool)
   expected_mask[:, 6] = False  # the last position has no next token
   expected_mask[0, 2] = False  # position 2 ends document 1; token 3 starts document 2
   np.testing.assert_array_equal(mask, expected_mask)
-  _, _, unpacked_mask = trainer.next_token_losses(logits, ids)
+  _, unpacked_mask = loss.next_token_targets(ids)
   assert unpacked_mask.sum() == 2 * 6
 
 
@@ -96,6 +87,35 @@ def test_sharded_training_matches_one_device(one_device_run, mesh):
 def test_gradient_accumulation_matches_the_full_batch(one_device_run):
   config = dataclasses.replace(CONFIG, micro_batch_size=2)  # 2 rows x 4 microbatches x 1 device
   _assert_same_training(_train(config, jax.devices()[:1], _batches(1, 3, segment_ids=True)), one_device_run)
+
+
+def test_train_step_equals_a_textbook_step(one_device_run):
+  """Fused head + loss, clipping outside the optimizer chain and the select-based NaN guard
+  leave the maths of the plain recipe: logits -> mean cross-entropy + z-loss -> grad ->
+  optax clip_by_global_norm -> AdamW."""
+  graphdef, params = nnx.split(MPTForCausalLM(CONFIG.model, rngs=nnx.Rngs(params=jax.random.split(jax.random.key(CONFIG.seed))[0])))
+  tx = optax.chain(optax.clip_by_global_norm(CONFIG.optim.grad_clip_norm), make_optimizer(CONFIG.optim, CONFIG.steps)[0])
+
+  def objective(params, rows):
+    ids, segments = rows["input_ids"], rows["segment_ids"]
+    ce, lse = loss.cross_entropy(nnx.merge(graphdef, params)(ids, segments), jnp.roll(ids, -1, axis=1))
+    _, mask = loss.next_token_targets(ids, segments)
+    tokens = mask.sum()
+    return (jnp.sum(mask * ce) + CONFIG.z_loss * jnp.sum(mask * lse**2)) / tokens, jnp.sum(mask * ce) / tokens
+
+  @jax.jit
+  def step(params, opt_state, rows):
+    (_, ce), grads = jax.value_and_grad(objective, has_aux=True)(params, rows)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, ce, optax.tree.norm(grads)
+
+  opt_state, losses, norms = tx.init(params), [], []
+  for rows in _batches(1, 3, segment_ids=True):
+    params, opt_state, ce, norm = step(params, opt_state, rows)
+    losses.append(float(ce))
+    norms.append(float(norm))
+  assert max(norms) > CONFIG.optim.grad_clip_norm  # clipping took part
+  _assert_same_training(one_device_run, (np.array(losses), jax.tree.map(np.asarray, params)))
 
 
 def test_global_batch_must_factor_into_micro_batch_accumulation_and_data_parallel():

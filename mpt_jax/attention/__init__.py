@@ -10,7 +10,6 @@
 """
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -74,9 +73,7 @@ def _pallas_attention(q, k, v, *, slopes, segment_ids, causal, scale):
   if mesh.empty:
     return attend(q, k, v, slopes=slopes, segment_ids=segment_ids)
   batch, _, heads, _ = q.shape
-  batch_axes = tuple(axis for axis in sharding.BATCH_AXES if axis in mesh.axis_names)
-  if batch % math.prod(mesh.shape[axis] for axis in batch_axes):
-    batch_axes = ()
+  batch_axes = sharding.batch_axes_dividing(mesh, batch)
   head_axis = sharding.LOGICAL_RULES["heads"]
   if head_axis not in mesh.axis_names or heads % mesh.shape[head_axis]:
     head_axis = None
