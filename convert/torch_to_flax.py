@@ -14,7 +14,7 @@ import tyro
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from mpt_jax.checkpoint import save_params  # noqa: E402
+from mpt_jax.checkpoint import refuse_existing, save_params  # noqa: E402
 from mpt_jax.convert import cli, read_pytorch  # noqa: E402
 
 
@@ -32,6 +32,7 @@ def main(
     dtype: parameter dtype; default keeps the checkpoint's.
     scan_layers: store the blocks stacked (as MPTConfig.scan_layers); load_model converts either way.
   """
+  refuse_existing(dst)  # before reading gigabytes of weights
   config, params = read_pytorch(src, dtype, scan_layers=scan_layers, progress=True)
   save_params(params, config, dst)
   print(f"wrote {dst}")

@@ -10,31 +10,44 @@ that training (to start fine-tuning) and generation restore. The folder holds
 Restoring goes straight into an abstract model (nnx.eval_shape), as in flax's
 examples/nnx_toy_examples/08_save_load_checkpoints.py, so nothing is allocated twice.
 
-``TrainCheckpointer`` keeps a run's train state and data position (WORKDIR/checkpoints).
+``TrainCheckpointer`` keeps a run's train state, data position and TrainConfig
+(WORKDIR/checkpoints), each checkpoint with checksums of its files (mpt_jax.integrity); a
+restore takes the newest checkpoint that is intact. ``load_model`` / ``load_params`` read a
+model folder or, given a training workdir, the parameters of its newest intact checkpoint.
 """
 
+import collections
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 import shutil
-from typing import Any, Iterator
+import time
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from mpt_jax.config import CheckpointConfig, MPTConfig
+from mpt_jax import integrity, resume
+from mpt_jax.config import MPTConfig, TrainConfig, dtype_name
 from mpt_jax.model import MPTForCausalLM, stack_layers, unstack_layers
 from mpt_jax.sharding import with_shardings
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
+CHECKPOINT_DIR = "checkpoints"  # a training workdir's checkpoints
 # Fields that say how the stored tree looks (not part of the PyTorch config schema).
 _RUNTIME_FIELDS = ("dtype", "param_dtype", "attn_impl", "norm_impl", "scan_layers", "scan_unroll", "remat")
+
+
+class CheckpointError(ValueError):
+  """A model folder or training checkpoint that cannot be used; the message names it and the problem."""
 
 
 @contextlib.contextmanager
@@ -44,8 +57,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[pathlib.Path]:
   A crash or error leaves nothing at ``path`` (and removes the temporary folder).
   """
   path = pathlib.Path(path)
-  if path.exists():
-    raise FileExistsError(f"{path} already exists; remove it or choose another output path")
+  refuse_existing(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
@@ -55,6 +67,12 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     tmp.rename(path)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def refuse_existing(path: str | os.PathLike) -> None:
+  """An output folder must be new: nothing a user has is overwritten."""
+  if pathlib.Path(path).exists():
+    raise FileExistsError(f"{path} already exists; remove it or choose another output path")
 
 
 def write_config(config: MPTConfig, folder: pathlib.Path) -> None:
@@ -102,11 +120,16 @@ def abstract_params(config: MPTConfig) -> dict[str, Any]:
 
 
 def load_params(path: str | os.PathLike) -> tuple[MPTConfig, dict[str, Any]]:
-  """Host numpy parameters as stored (no device copies): for exporting to PyTorch."""
+  """Host numpy parameters as stored (no device copies): for exporting to PyTorch.
+
+  ``path`` is a model folder or a training workdir (the newest intact checkpoint's parameters).
+  """
+  if _is_workdir(path):
+    return _workdir_params(pathlib.Path(path) / CHECKPOINT_DIR)
   config = read_config(path)
   target = abstract_params(config)
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-  with ocp.PyTreeCheckpointer() as checkpointer:
+  with _reading(path), ocp.PyTreeCheckpointer() as checkpointer:
     params = checkpointer.restore(pathlib.Path(path).absolute() / PARAMS_DIR, item=target, restore_args=restore_args)
   return config, params
 
@@ -115,20 +138,53 @@ def load_model(path: str | os.PathLike, **config_overrides) -> MPTForCausalLM:
   """The model saved at ``path``, restored into an abstract model.
 
   Args:
-    path: a folder written by save_model (or convert/torch_to_flax.py).
-    **config_overrides: MPTConfig fields to change, e.g. dtype="float32", attn_impl="xla",
-      scan_layers=False (the stored layer layout is converted), param_dtype (cast on restore).
+    path: a folder written by save_model (or convert/torch_to_flax.py), or a training workdir
+      (WORKDIR of train.py: the parameters of its newest intact checkpoint).
+    **config_overrides: MPTConfig fields to change, e.g. dtype="float32" (or jnp.float32),
+      attn_impl="xla", scan_layers=False (the stored layer layout is converted), param_dtype
+      (cast on restore).
   """
+  for name in ("dtype", "param_dtype"):
+    if name in config_overrides:
+      config_overrides[name] = dtype_name(config_overrides[name])
+  if _is_workdir(path):
+    saved, params = load_params(path)
+    config = dataclasses.replace(saved, **config_overrides)
+    if saved.scan_layers != config.scan_layers:
+      params["blocks"] = _relayout_blocks(params["blocks"], config)
+    return model_from_params(config, jax.tree.map(lambda x: jnp.asarray(x, config.param_dtype), params))
   saved = read_config(path)
   config = dataclasses.replace(saved, **config_overrides)
   stored = dataclasses.replace(config, scan_layers=saved.scan_layers)  # the saved layout; orbax casts the dtype
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_params(stored))
-  with ocp.StandardCheckpointer() as checkpointer:
+  with _reading(path), ocp.StandardCheckpointer() as checkpointer:
     params = checkpointer.restore(pathlib.Path(path).absolute() / PARAMS_DIR, target)
   if stored.scan_layers != config.scan_layers:
     params["blocks"] = _relayout_blocks(params["blocks"], config)
   return model_from_params(config, params)
+
+
+def _is_workdir(path: str | os.PathLike) -> bool:
+  """True for a training workdir, False for a model folder; neither is an error naming both."""
+  path = pathlib.Path(path)
+  if (path / CONFIG_FILE).is_file():
+    return False
+  if (path / CHECKPOINT_DIR).is_dir():
+    return True
+  raise FileNotFoundError(
+      f"{path} is neither a model folder ({CONFIG_FILE} + {PARAMS_DIR}/, written by save_model or "
+      f"convert/torch_to_flax.py) nor a training workdir ({CHECKPOINT_DIR}/, written by train.py)"
+  )
+
+
+@contextlib.contextmanager
+def _reading(path):
+  """Turns orbax / tensorstore failures on damaged files into one CheckpointError naming ``path``."""
+  try:
+    yield
+  except Exception as e:
+    raise CheckpointError(f"{path}: parameters cannot be read, truncated or damaged? ({integrity.describe_failure(e)})") from e
 
 
 def _relayout_blocks(blocks: dict[str, Any], config: MPTConfig) -> dict[str, Any]:
@@ -152,7 +208,7 @@ def restore_params(path: str | os.PathLike, config: MPTConfig, shardings: dict[s
     params["blocks"] = _relayout_blocks(params["blocks"], config)
     return jax.device_put(jax.tree.map(lambda x: x.astype(config.param_dtype), params), shardings)
   stored = abstract_params(dataclasses.replace(config, scan_layers=saved.scan_layers))
-  with ocp.StandardCheckpointer() as checkpointer:
+  with _reading(path), ocp.StandardCheckpointer() as checkpointer:
     return checkpointer.restore(pathlib.Path(path).absolute() / PARAMS_DIR, with_shardings(stored, shardings))
 
 
@@ -165,79 +221,211 @@ def model_from_params(config: MPTConfig, params: dict[str, Any]) -> MPTForCausal
 
 # ---------------------------------------------------------------- training checkpoints
 
-# Fields that may change between a run and its resumption; every other MPTConfig field
-# decides the function or the shape of the stored state.
-_RESUMABLE_FIELDS = ("dtype", "attn_impl", "norm_impl", "scan_unroll", "remat")
-MODEL_CONFIG_FILE = "model_config.json"
+CONFIG_ITEM = "config"  # each checkpoint's item holding the TrainConfig that wrote it
+
+
+class Restored(NamedTuple):
+  step: int
+  state: Any  # laid out like the abstract state asked for
+  data: dict  # the data iterator's position
 
 
 class TrainCheckpointer:
-  """The train state and the data iterator's position, every N steps, via orbax's CheckpointManager.
+  """The train state, the data iterator's position and the TrainConfig, every N steps, via orbax.
 
-  A checkpoint is ``<directory>/<step>/{state,data}``; orbax writes it under a temporary name
-  and renames it when complete, so one being written when the process died is never
-  restored. Saves are asynchronous (the device-to-host copy blocks, the writing does not),
-  restores go straight into the shardings asked for, whatever mesh saved the checkpoint.
+  A checkpoint is ``<directory>/<step>/{state,data,config}``; orbax writes it under a temporary
+  name and renames it when complete, so one being written when the process died is never
+  restored. Just before that rename, the checksums of its files are recorded (orbax's commit
+  callback), so a checkpoint in place always has them. Saves are asynchronous (the
+  device-to-host copy blocks, the writing does not); restores go straight into the shardings
+  asked for, whatever mesh saved the checkpoint.
   """
 
-  def __init__(self, directory: str | os.PathLike, config: CheckpointConfig, model_config: MPTConfig):
+  def __init__(self, directory: str | os.PathLike, config: TrainConfig):
     self.directory = pathlib.Path(directory).absolute()
     self.config = config
-    _check_model_config(self.directory, model_config)
+    self._record = resume.record(config)
+    self._committing = collections.deque()  # steps saved whose checksums are not written yet (process 0)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=config.keep_last,
-        keep_period=config.keep_every or None,
-        enable_async_checkpointing=config.async_save,
+        max_to_keep=config.checkpoint.keep_last,
+        keep_period=config.checkpoint.keep_every or None,
+        enable_async_checkpointing=True,  # also for async_save=False (then waited for): the commit callback needs it
+        async_options=ocp.AsyncOptions(post_finalization_callback=self._write_checksums),
         create=True,
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
-
-  def latest_step(self) -> int | None:
-    return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state, data_state: dict) -> None:
-    """Saves ``state`` (any pytree of arrays) and the iterator position; refuses non-finite values."""
+    """Saves ``state`` (any pytree of arrays), the iterator position and the config; refuses non-finite values."""
     if not _all_finite(state):
       raise FloatingPointError(f"refusing to checkpoint step {step}: the train state holds NaN or inf")
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
-    self._manager.save(step, args=args, force=True)
+    if jax.process_index() == 0:
+      self._committing.append(step)
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), config=ocp.args.JsonSave(self._record)
+    )
+    with self._writing():
+      self._manager.save(step, args=args, force=True)  # waits for the previous save: its error surfaces here
+      if not self.config.checkpoint.async_save:
+        self._manager.wait_until_finished()
 
-  def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
-    """The state at ``step`` laid out like ``abstract_state`` (ShapeDtypeStructs with shardings)."""
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
-    restored = self._manager.restore(step, args=args)
-    return restored.state, restored.data
+  def _write_checksums(self) -> None:
+    """Orbax's commit callback (process 0, background thread): every file is written, not yet renamed."""
+    step = self._committing.popleft()  # saves commit one at a time, in order
+    folder = next(self.directory.glob(f"{step}.orbax-checkpoint-tmp*"), self.directory / str(step))
+    integrity.write(folder)
+
+  def restore_latest(self, abstract_state) -> Restored | None:
+    """The newest intact checkpoint, laid out like ``abstract_state`` (ShapeDtypeStructs with shardings).
+
+    Intact: its files match their checksums, it restores, and its state is finite. Newer
+    checkpoints that are not are logged with what is wrong and moved to
+    ``<directory>.broken/``, out of the way of the steps the run will save again.
+
+    Returns:
+      None when there is no checkpoint at all.
+
+    Raises:
+      CheckpointError: there are checkpoints but none is intact.
+      ValueError: the checkpoint was written with a config this run may not change
+        (mpt_jax.resume); nothing is restored or moved.
+    """
+
+    def check(step, recorded):
+      if recorded is None:
+        logging.warning("checkpoint of step %d records no TrainConfig (an older mpt-jax wrote it): config not checked", step)
+      else:
+        resume.check(recorded, self.config, where=f"{self.directory} holds step {step}")
+
+    def restore(step, recorded):
+      args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+      restored = self._manager.restore(step, args=args)
+      if not _all_finite(restored.state):
+        raise CheckpointError("its train state holds NaN or inf")
+      return Restored(step, restored.state, restored.data)
+
+    found = _newest_intact(self._manager, self.directory, check=check, restore=restore)
+    if found is not None and found.broken:
+      self._set_aside(found.broken)
+    return None if found is None else found.restored
+
+  def _set_aside(self, broken: dict[int, str]) -> None:
+    aside = self.directory.with_name(f"{self.directory.name}.broken")
+    if jax.process_index() == 0:
+      aside.mkdir(exist_ok=True)
+      for step in broken:
+        target = aside / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        (self.directory / str(step)).rename(target)
+        logging.warning("moved the unusable checkpoint of step %d to %s", step, target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("mpt_jax.checkpoint.set_aside")
+    self._manager.reload()
 
   def wait_until_finished(self) -> None:
-    self._manager.wait_until_finished()
+    with self._writing():
+      self._manager.wait_until_finished()
+
+  @contextlib.contextmanager
+  def _writing(self):
+    """A save that fails (a full disk, say) ends the run naming the cause; what it wrote is never restored."""
+    try:
+      yield
+    except Exception as e:
+      raise CheckpointError(
+          f"could not write a checkpoint in {self.directory} ({integrity.describe_failure(e)}); the complete "
+          "checkpoints there are intact: once the cause is fixed, rerun the same command to resume from the newest"
+      ) from e
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _workdir_params(directory: pathlib.Path) -> tuple[MPTConfig, dict[str, Any]]:
+  """The model config and host numpy parameters of the newest intact checkpoint under ``directory``."""
+
+  def restore(step, recorded):
+    if recorded is None:
+      raise CheckpointError("it records no TrainConfig (an older mpt-jax wrote it), so its model is unknown")
+    config = MPTConfig(**recorded["model"])
+    # The state stores each parameter as params/<path>/value (an nnx.Param); only those are read.
+    target = {"params": jax.tree.map(lambda x: {"value": x}, abstract_params(config))}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+    params = manager.restore(step, args=ocp.args.Composite(state=args)).state["params"]
+    params = jax.tree.map(lambda v: v["value"], params, is_leaf=lambda x: isinstance(x, dict) and "value" in x)
+    if not all(np.isfinite(x).all() for x in jax.tree.leaves(params)):
+      raise CheckpointError("its parameters hold NaN or inf")
+    logging.info("parameters of the checkpoint of step %d in %s", step, directory)
+    return config, params
+
+  options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+  with ocp.CheckpointManager(directory, options=options) as manager:
+    found = _newest_intact(manager, directory, restore=restore)
+  if found is None:
+    raise FileNotFoundError(f"{directory} holds no checkpoint")
+  return found.restored
+
+
+class _Found(NamedTuple):
+  restored: Any  # what restore(step, recorded config) returned
+  broken: dict[int, str]  # newer checkpoints passed over: step -> what is wrong with it
+
+
+def _newest_intact(manager: ocp.CheckpointManager, directory: pathlib.Path, *, restore: Callable[[int, dict | None], Any],
+                   check: Callable[[int, dict | None], None] = lambda step, recorded: None) -> _Found | None:
+  """The newest usable checkpoint: None when there is none at all; CheckpointError naming each problem when none is usable.
+
+  Tries the checkpoints newest first: checksums (on process 0; the others follow its verdict),
+  then ``check(step, recorded config)``, whose errors propagate (a refused config is not a
+  damaged checkpoint), then ``restore(step, recorded config)``, where a CheckpointError or an
+  orbax error marks the step broken.
+  """
+  broken = {}
+  for step in sorted(manager.all_steps(), reverse=True):
+    folder = directory / str(step)
+    problem = _verify(folder, step) if jax.process_index() == 0 else None
+    if _everywhere(problem is None):
+      try:
+        recorded = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config \
+            if (folder / CONFIG_ITEM).is_dir() else None
+      except Exception as e:
+        problem = f"its {CONFIG_ITEM} cannot be read ({integrity.describe_failure(e)})"
+    if _everywhere(problem is None):
+      check(step, recorded)
+      try:
+        restored = restore(step, recorded)
+      except CheckpointError as e:
+        problem = str(e)
+      except Exception as e:  # orbax and tensorstore raise many types for damaged files
+        problem = f"it cannot be restored ({integrity.describe_failure(e)})"
+    if _everywhere(problem is None):
+      return _Found(restored, broken)
+    broken[step] = problem or "it is damaged on another process"
+    logging.warning("checkpoint of step %d in %s is unusable: %s", step, directory, broken[step])
+  if broken:
+    problems = "; ".join(f"step {step}: {problem}" for step, problem in broken.items())
+    raise CheckpointError(f"no intact checkpoint in {directory} ({problems}); move it aside to start the run over")
+  return None
+
+
+def _verify(folder: pathlib.Path, step: int) -> str | None:
+  if not integrity.exists(folder):
+    logging.warning("checkpoint of step %d has no %s (an older mpt-jax wrote it, or it was deleted): not verified", step, integrity.MANIFEST)
+    return None
+  return integrity.verify(folder)
+
+
+def _everywhere(ok: bool) -> bool:
+  """True only if ``ok`` on every process, so all processes take the same branch."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
 
 
 @jax.jit
 def _all_finite(tree) -> jax.Array:
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
-def _check_model_config(directory: pathlib.Path, config: MPTConfig) -> None:
-  """Records the model config beside the checkpoints; a different one refuses to start."""
-  file = directory / MODEL_CONFIG_FILE
-  current = {k: v for k, v in dataclasses.asdict(config).items() if k not in _RESUMABLE_FIELDS}
-  if file.exists():
-    saved = json.loads(file.read_text())
-    differ = {k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k)}
-    if differ:
-      lines = "\n".join(f"  {k}: checkpoint has {saved.get(k)!r}, this run has {current.get(k)!r}" for k in sorted(differ))
-      raise ValueError(f"{directory} holds checkpoints of a different model config:\n{lines}\n"
-                       "use another workdir, or the config the checkpoints were written with")
-    return
-  if jax.process_index() == 0:
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".{file.name}.tmp")
-    tmp.write_text(json.dumps(current, indent=2) + "\n")
-    tmp.rename(file)

@@ -11,6 +11,8 @@ import dataclasses
 import math
 from typing import Any, Literal
 
+import numpy as np
+
 Layout = Literal["mosaic_gpt", "mpt"]
 
 INIT_FNS = ("kaiming_normal_", "normal_")
@@ -177,7 +179,8 @@ class MPTConfig:
         init_gain=init.get("init_gain", 0.0),
         fan_mode=init.get("fan_mode", "fan_in"),
         init_div_is_residual=init.get("init_div_is_residual", True),
-        init_std=init.get("init_std", 0.02),
+        # llm-foundry's default init_config has init_std: null (it matters only to the normal_ init).
+        init_std=0.02 if init.get("init_std") is None else init["init_std"],
         emb_init_std=init.get("emb_init_std"),
         emb_init_uniform_lim=init.get("emb_init_uniform_lim"),
     )
@@ -282,6 +285,17 @@ def _require_choice(config, name, choices):
     raise ValueError(f"MPTConfig.{name} must be one of {choices}, got {value!r}")
 
 
+def dtype_name(dtype: Any) -> str:
+  """One of DTYPES for a dtype given as a string or as a NumPy / JAX dtype (np.float32, jnp.bfloat16)."""
+  try:
+    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+  except TypeError:
+    name = None
+  if name not in DTYPES:
+    raise ValueError(f"dtype must be one of {DTYPES} or the NumPy/JAX dtype, got {dtype!r}")
+  return name
+
+
 def _reject(d, *keys):
   """Dropout, prefix-LM and per-head QK norm would change the function: refuse them."""
   for key in keys:
@@ -291,7 +305,26 @@ def _reject(d, *keys):
 
 # ------------------------------------------------------------------------ training run
 # Each dataclass below belongs to one module (named in its docstring); presets in configs/
-# build a TrainConfig and set only what differs from these defaults.
+# build a TrainConfig and set only what differs from these defaults. Each validates itself on
+# construction, so a bad value fails before anything runs or is written, naming the field.
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check(config, name: str, valid, expected: str) -> None:
+  value = getattr(config, name)
+  try:
+    ok = bool(valid(value))
+  except TypeError:  # e.g. len() of a number: the wrong type altogether
+    ok = False
+  if not ok:
+    raise ValueError(f"{type(config).__name__}.{name} must be {expected}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,6 +340,16 @@ class MeshConfig:
   num_processes: int | None = None  # None: detected from the cluster
   process_id: int | None = None  # None: detected from the cluster
 
+  def __post_init__(self):
+    for name in ("data", "fsdp", "tensor"):
+      _check(self, name, lambda v: _is_int(v) and (v >= 1 or v == -1), "a positive integer or -1")
+    if [self.data, self.fsdp, self.tensor].count(-1) > 1:
+      raise ValueError(f"MeshConfig: at most one of data, fsdp, tensor may be -1, got {self}")
+    _check(self, "num_processes", lambda v: v is None or (_is_int(v) and v >= 1), "a positive integer or None")
+    _check(self, "process_id", lambda v: v is None or (_is_int(v) and v >= 0 and (self.num_processes is None or v < self.num_processes)),
+           f"None or an integer in [0, num_processes={self.num_processes})")
+    _check(self, "coordinator_address", lambda v: v is None or v.rpartition(":")[2].isdigit(), '"host:port" or None')
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
@@ -320,6 +363,16 @@ class OptimConfig:
   warmup_steps: int = 100  # linear warmup from 0
   alpha_f: float = 0.1  # final LR = alpha_f * lr, reached at the last step (cosine)
   grad_clip_norm: float = 1.0  # global-norm clipping threshold; <= 0 disables
+
+  def __post_init__(self):
+    _check(self, "name", lambda v: v in ("decoupled_adamw", "decoupled_lionw"), "'decoupled_adamw' or 'decoupled_lionw'")
+    _check(self, "lr", lambda v: _is_number(v) and v > 0, "positive (the decoupled decay divides by it)")
+    _check(self, "betas", lambda v: len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1)")
+    _check(self, "eps", lambda v: _is_number(v) and v > 0, "a positive number")
+    _check(self, "weight_decay", lambda v: _is_number(v) and v >= 0, "a number >= 0")
+    _check(self, "warmup_steps", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+    _check(self, "alpha_f", lambda v: _is_number(v) and 0 <= v <= 1, "a number with 0 <= alpha_f <= 1")
+    _check(self, "grad_clip_norm", _is_number, "a number (<= 0 disables clipping)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,29 +390,34 @@ class DataConfig:
   segment_ids: bool = False  # also emit segment_ids (document number within the row, from 1) for document masking
   positions: bool = False  # also emit positions (token index within its document)
 
+  def __post_init__(self):
+    _check(self, "mixture", lambda v: isinstance(v, str) and v, "a Task or Mixture name")
+    # A byte-level BPE starts from 256 byte tokens plus EOS.
+    _check(self, "bpe_vocab_size", lambda v: _is_int(v) and v > 256, "an integer > 256")
+    _check(self, "seed", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
   """Checkpointing and fault tolerance (mpt_jax.checkpoint, mpt_jax.trainer)."""
 
-  every_steps: int = 1000  # save period in steps; 0: only at the end and on SIGTERM
+  every_steps: int = 1000  # save period in steps; 0: only at the end and on SIGTERM / Ctrl-C
   keep_last: int = 3  # newest checkpoints kept
   keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this; 0: none
   async_save: bool = True  # write in the background while training continues
   init_from: str = ""  # a model folder (convert/torch_to_flax.py, checkpoint.save_model) to fine-tune from
   max_consecutive_nonfinite: int = 10  # stop with an error after this many non-finite steps in a row; 0: never
+  allow_config_changes: bool = False  # resume although steps, LR schedule or optimizer settings changed (mpt_jax/resume.py); logged
 
   def __post_init__(self):
     for name in ("every_steps", "keep_every", "max_consecutive_nonfinite"):
-      if getattr(self, name) < 0:
-        raise ValueError(f"CheckpointConfig.{name} must be >= 0, got {getattr(self, name)}")
-    if self.keep_last < 1:
-      raise ValueError(f"CheckpointConfig.keep_last must be >= 1, got {self.keep_last}")
+      _check(self, name, lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+    _check(self, "keep_last", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """One training run (mpt_jax.trainer, train.py)."""
+  """One training run (mpt_jax.trainer, train.py). mpt_jax.resume says which fields may change on resume."""
 
   model: MPTConfig = MPTConfig()
   mesh: MeshConfig = MeshConfig()
@@ -376,3 +434,18 @@ class TrainConfig:
   log_every: int = 10  # steps between logged metrics (TensorBoard, metrics.jsonl, progress bar)
   peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None: from the device kind
   sample_tokens: int = 64  # tokens sampled from the trained model at the end of the run; 0: none
+
+  def __post_init__(self):
+    _check(self, "workdir", lambda v: isinstance(v, str) and v, "a directory path")
+    _check(self, "seed", _is_int, "an integer")
+    # A row of T tokens makes T - 1 next-token predictions: one token predicts nothing.
+    _check(self, "seq_len", lambda v: _is_int(v) and 2 <= v <= self.model.max_seq_len,
+           f"an integer in [2, model.max_seq_len={self.model.max_seq_len}]")
+    _check(self, "global_batch_size", lambda v: _is_int(v) and v >= 1, "a positive integer")
+    _check(self, "micro_batch_size", lambda v: v is None or (_is_int(v) and 1 <= v <= self.global_batch_size),
+           f"None or an integer in [1, global_batch_size={self.global_batch_size}]")
+    _check(self, "steps", lambda v: _is_int(v) and v >= 1, "a positive integer")
+    _check(self, "z_loss", lambda v: _is_number(v) and v >= 0, "a number >= 0")
+    _check(self, "log_every", lambda v: _is_int(v) and v >= 1, "a positive integer")
+    _check(self, "peak_flops", lambda v: v is None or (_is_number(v) and v > 0), "a positive number or None")
+    _check(self, "sample_tokens", lambda v: _is_int(v) and v >= 0, "an integer >= 0")

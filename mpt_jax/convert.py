@@ -18,6 +18,7 @@ import json
 import math
 import os
 import pathlib
+import sys
 import warnings
 from typing import Any, Callable, Iterator, Literal, NamedTuple
 
@@ -27,11 +28,13 @@ import ml_dtypes
 import numpy as np
 import torch
 from flax import nnx
+from jax.typing import DTypeLike
 from safetensors import safe_open
 from tqdm import tqdm
 
 from mpt_jax.checkpoint import abstract_params, atomic_directory, model_from_params
-from mpt_jax.config import MPTConfig, hf_layout
+from mpt_jax.cli import run
+from mpt_jax.config import MPTConfig, dtype_name, hf_layout
 from mpt_jax.model import MPTForCausalLM
 
 Layout = Literal["mosaic_gpt", "mpt"]
@@ -129,19 +132,22 @@ def _layer_slot(params: dict, path: tuple, scan_layers: bool) -> np.ndarray:
 # ------------------------------------------------------------------------------ PyTorch -> ours
 
 
-def read_pytorch(path: str | os.PathLike, dtype: str | None = None, *, scan_layers: bool = True, progress: bool = False) -> tuple[MPTConfig, dict]:
+def read_pytorch(path: str | os.PathLike, dtype: DTypeLike | None = None, *, scan_layers: bool = True,
+                 progress: bool = False) -> tuple[MPTConfig, dict]:
   """The config and host (numpy) parameters of a PyTorch MPT checkpoint.
 
   Args:
     path: a Hugging Face model folder (config.json + model.safetensors, pytorch_model.bin,
       or shards with an *.index.json) or one weights file with config.json beside it.
-    dtype: parameter dtype ("float32", "bfloat16", "float16"); None keeps the checkpoint's.
+    dtype: parameter dtype ("float32", "bfloat16", "float16", or jnp.float32, np.float16, ...);
+      None keeps the checkpoint's.
     scan_layers: lay the blocks out stacked (True) or per layer, as MPTConfig.scan_layers.
     progress: show a progress bar per tensor group.
 
   Returns:
     (config with param_dtype and scan_layers set, pure parameter dict of numpy arrays).
   """
+  dtype = None if dtype is None else dtype_name(dtype)
   files = _TorchFiles(pathlib.Path(path))
   try:
     hf = _read_json(files.config_file)
@@ -165,17 +171,19 @@ def read_pytorch(path: str | os.PathLike, dtype: str | None = None, *, scan_laye
   return config, params
 
 
-def load_pytorch(path: str | os.PathLike, dtype: str | None = None, *, config_overrides: dict[str, Any] | None = None) -> MPTForCausalLM:
+def load_pytorch(path: str | os.PathLike, dtype: DTypeLike | None = None, *, config_overrides: dict[str, Any] | None = None) -> MPTForCausalLM:
   """An MPTForCausalLM holding a PyTorch MPT checkpoint's weights (see read_pytorch).
 
   Args:
     path: as read_pytorch.
-    dtype: parameter dtype; None keeps the checkpoint's.
+    dtype: parameter dtype (a string or a NumPy / JAX dtype); None keeps the checkpoint's.
     config_overrides: run-time MPTConfig fields, e.g. {"dtype": "float32", "scan_layers": False}.
   """
   overrides = dict(config_overrides or {})
   if "param_dtype" in overrides:
     raise ValueError("load_pytorch sets the parameter dtype through dtype=, not config_overrides['param_dtype']")
+  if "dtype" in overrides:
+    overrides["dtype"] = dtype_name(overrides["dtype"])
   config, params = read_pytorch(path, dtype, scan_layers=overrides.get("scan_layers", True))
   return model_from_params(dataclasses.replace(config, **overrides), jax.tree.map(jnp.asarray, params))
 
@@ -212,7 +220,8 @@ def _source_dtype(meta: dict[str, tuple], where: str) -> str:
 # ------------------------------------------------------------------------------ ours -> PyTorch
 
 
-def save_pytorch(model: MPTForCausalLM, out_dir: str | os.PathLike, layout: Layout = "mosaic_gpt", dtype: str | None = None, *, write_bin: bool = False) -> None:
+def save_pytorch(model: MPTForCausalLM, out_dir: str | os.PathLike, layout: Layout = "mosaic_gpt", dtype: DTypeLike | None = None,
+                 *, write_bin: bool = False) -> None:
   """Writes ``model`` as a PyTorch checkpoint folder (see write_pytorch)."""
   params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   write_pytorch(model.config, params, out_dir, layout, dtype, write_bin=write_bin)
@@ -223,7 +232,7 @@ def write_pytorch(
     params: dict,
     out_dir: str | os.PathLike,
     layout: Layout = "mosaic_gpt",
-    dtype: str | None = None,
+    dtype: DTypeLike | None = None,
     *,
     write_bin: bool = False,
     progress: bool = False,
@@ -233,10 +242,11 @@ def write_pytorch(
   Args:
     config, params: the model's config and pure parameter dict (numpy, per config.scan_layers).
     layout: "mosaic_gpt" (the released checkpoint's keys) or "mpt" (transformers' MptForCausalLM).
-    dtype: dtype of the written tensors; None keeps the parameters'.
+    dtype: dtype of the written tensors (a string or a NumPy / JAX dtype); None keeps the parameters'.
     write_bin: also write pytorch_model.bin (holds every tensor in memory at once).
     progress: show a progress bar per tensor group.
   """
+  dtype = None if dtype is None else dtype_name(dtype)
   if layout == "mpt" and config.attn_qk_ln:
     raise ConversionError(
         "cannot export a QK-LN model (attn_qk_ln=True) to the 'mpt' layout: transformers' MptForCausalLM "
@@ -395,10 +405,7 @@ def _read_json(file: pathlib.Path) -> dict:
 
 
 def cli(main: Callable) -> None:
-  """Runs a tyro CLI; bad input exits non-zero with the message, without a traceback."""
+  """Runs a tyro CLI; bad input exits 2 with a one-line ``error: ...``, without a traceback (mpt_jax.cli)."""
   import tyro
 
-  try:
-    tyro.cli(main)
-  except (ConversionError, FileExistsError, FileNotFoundError) as e:
-    raise SystemExit(f"error: {e}") from e
+  sys.exit(run(lambda: tyro.cli(main)))

@@ -3,17 +3,25 @@
 MFU follows llm-foundry (reference-mpt-1b.md §7): 6 FLOPs per parameter per token (forward
 plus backward, embedding included) plus full-square attention, 12 * n_layers * d_model *
 seq_len per token; 9.0766e9 for MPT-1B at 2048. Only process 0 writes files.
+
+A workdir's history is one run's: a resumed run first drops what was logged after the
+restored step (it is about to be logged again), a fresh run first moves an earlier run's
+files to WORKDIR/previous/<time>/.
 """
 
 import json
 import os
 import pathlib
+import shutil
+import time
 
 # Dense bf16 peak per device (Composer's speed_monitor.py). H200 is the H100 die with more memory.
 PEAK_FLOPS = {"H100": 989.5e12, "H200": 989.5e12, "A100": 312e12}
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_PNG = "loss.png"
+TENSORBOARD_DIR = "tensorboard"
+PREVIOUS_DIR = "previous"  # earlier runs' history, one folder per fresh start
 
 
 def flops_per_token(n_params: int, n_layers: int, d_model: int, seq_len: int) -> float:
@@ -34,17 +42,26 @@ def mfu(tokens_per_s: float, flops_per_token: float, n_devices: int, peak: float
 
 
 class MetricsWriter:
-  """Logged steps to TensorBoard event files and ``workdir/metrics.jsonl``; the loss PNG on close."""
+  """Logged steps to TensorBoard event files and ``workdir/metrics.jsonl``; the loss PNG on close.
 
-  def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True):
+  ``resumed_step``: the step the run restored (history after it is dropped), or None for a
+  fresh start (an earlier run's history is moved aside).
+  """
+
+  def __init__(self, workdir: str | os.PathLike, *, resumed_step: int | None, enabled: bool = True):
     self.workdir = pathlib.Path(workdir)
     self.enabled = enabled
     if enabled:
       from tensorboardX import SummaryWriter  # heavy (protobuf); only the writing process needs it
 
       self.workdir.mkdir(parents=True, exist_ok=True)
-      self._tensorboard = SummaryWriter(str(self.workdir / "tensorboard"))
-      _drop_partial_last_line(self.workdir / METRICS_FILE)
+      if resumed_step is None:
+        _move_history_aside(self.workdir)
+      else:
+        _keep_steps_up_to(self.workdir / METRICS_FILE, resumed_step)
+      # purge_step: TensorBoard hides the events of steps after the restored one written before.
+      purge_step = None if resumed_step is None else resumed_step + 1
+      self._tensorboard = SummaryWriter(str(self.workdir / TENSORBOARD_DIR), purge_step=purge_step)
       self._jsonl = open(self.workdir / METRICS_FILE, "a")
 
   def write(self, step: int, metrics: dict[str, float | None]) -> None:
@@ -64,23 +81,33 @@ class MetricsWriter:
     plot_loss(self.workdir / METRICS_FILE, self.workdir / LOSS_PNG)
 
 
-def _drop_partial_last_line(metrics_file: pathlib.Path) -> None:
-  """A run killed mid-write leaves half a line; cut it so the resumed run appends whole lines."""
+def _move_history_aside(workdir: pathlib.Path) -> None:
+  """An earlier run's metrics.jsonl, tensorboard/ and loss.png -> workdir/previous/<time>/."""
+  names = [n for n in (METRICS_FILE, TENSORBOARD_DIR, LOSS_PNG) if (workdir / n).exists()]
+  if not names:
+    return
+  target = workdir / PREVIOUS_DIR / time.strftime("%Y%m%d-%H%M%S")
+  while target.exists():  # two fresh starts within a second
+    target = target.with_name(target.name + "+")
+  target.mkdir(parents=True)
+  for name in names:
+    shutil.move(workdir / name, target / name)
+
+
+def _keep_steps_up_to(metrics_file: pathlib.Path, step: int) -> None:
+  """Drops records after ``step`` (and half a line left by a kill mid-write), via a temp file + rename."""
   if not metrics_file.exists():
     return
-  data = metrics_file.read_bytes()
-  if data and not data.endswith(b"\n"):
-    with open(metrics_file, "r+b") as f:
-      f.truncate(data.rfind(b"\n") + 1)
+  lines = metrics_file.read_bytes().split(b"\n")[:-1]  # the last element: "" or the half-written line
+  kept = [line for line in lines if json.loads(line)["step"] <= step]
+  tmp = metrics_file.with_name(f".{metrics_file.name}.tmp")
+  tmp.write_bytes(b"".join(line + b"\n" for line in kept))
+  tmp.rename(metrics_file)
 
 
 def plot_loss(metrics_file: pathlib.Path, path: pathlib.Path) -> None:
-  """Loss against step from metrics.jsonl, via a temp file + rename.
-
-  All of it, a resumed run's too; a step logged twice (replayed after a crash) counts once.
-  """
-  history = {r["step"]: r for r in map(json.loads, metrics_file.read_text().splitlines())}
-  history = [history[step] for step in sorted(history)]
+  """Loss against step from metrics.jsonl, via a temp file + rename."""
+  history = [json.loads(line) for line in metrics_file.read_text().splitlines()]
   if not history:
     return
   import matplotlib

@@ -26,10 +26,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mpt_jax import checkpoint, loss, metrics, preemption, sharding
 from mpt_jax.config import TrainConfig
+from mpt_jax.lock import WorkdirLock
 from mpt_jax.model import MPTForCausalLM
 from mpt_jax.optim import clip_by_global_norm, make_optimizer
 
-CHECKPOINT_DIR = "checkpoints"  # under the workdir
 Batch = dict[str, jax.Array]  # 'input_ids' int32 [B, T], optionally 'segment_ids' int32 [B, T]
 Hook = Callable[[int, "TrainState"], bool]  # called after each step with the steps done so far; True stops the run
 
@@ -281,12 +281,20 @@ def sample(config: TrainConfig, setup: TrainSetup, state: TrainState, prompt_ids
 def main(config: TrainConfig, data_iterator: Iterator[dict[str, np.ndarray]] | None = None) -> TrainState:
   """The training run: mesh, data, abstract state, restore or init, loop, sample. Returns the final state.
 
-  Resumes from WORKDIR/checkpoints when it holds a checkpoint; SIGTERM checkpoints at the
-  next step boundary and returns (the process then exits 0).
+  Holds WORKDIR/lock throughout (a second run on the workdir refuses). Resumes from the
+  newest intact checkpoint in WORKDIR/checkpoints; SIGTERM checkpoints at the next step
+  boundary and returns (the process then exits 0); Ctrl-C does the same, then raises
+  KeyboardInterrupt.
 
   ``data_iterator`` replaces mpt_jax.data's (tests and benchmarks feed synthetic tokens).
   """
   sharding.initialize_distributed(config.mesh)
+  with WorkdirLock(config.workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+    return _run(config, data_iterator)
+
+
+def _run(config: TrainConfig, data_iterator: Iterator[dict[str, np.ndarray]] | None) -> TrainState:
+  """main's phases, while this run holds the workdir."""
   with _phase("mesh"):
     mesh = sharding.make_mesh(config.mesh)
     logging.info("mesh %s over %d %s devices, %d processes", dict(mesh.shape), mesh.size, jax.devices()[0].device_kind, jax.process_count())
@@ -299,24 +307,28 @@ def main(config: TrainConfig, data_iterator: Iterator[dict[str, np.ndarray]] | N
     with _phase("abstract state"):
       setup = make_setup(config, mesh)
       logging.info("%s parameters; gradient accumulation %d", f"{setup.n_params:,}", setup.grad_accum)
-    checkpointer = checkpoint.TrainCheckpointer(pathlib.Path(config.workdir) / CHECKPOINT_DIR, config.checkpoint, config.model)
-    with _phase("restore or init"):
-      state = _restore_or_init(config, setup, checkpointer, data_iterator)
-    if int(state.step) >= config.steps:
-      logging.info("step %d of %d: nothing left to train", int(state.step), config.steps)
-      checkpointer.close()
-      return state
-    writer = metrics.MetricsWriter(config.workdir, enabled=jax.process_index() == 0)
+    checkpointer = checkpoint.TrainCheckpointer(pathlib.Path(config.workdir) / checkpoint.CHECKPOINT_DIR, config)
     try:
-      with _phase("train"), preemption.PreemptionWatcher() as watcher:
-        saver = _CheckpointHook(config, checkpointer, data_iterator, watcher)
-        state = train(config, setup, data_iterator, start_state=state, writer=writer, hooks=[saver])
-      checkpointer.wait_until_finished()
+      with _phase("restore or init"):
+        state, resumed_step = _restore_or_init(config, setup, checkpointer, data_iterator)
+      if int(state.step) >= config.steps:
+        logging.info("step %d of %d: nothing left to train", int(state.step), config.steps)
+        return state
+      writer = metrics.MetricsWriter(config.workdir, resumed_step=resumed_step, enabled=jax.process_index() == 0)
+      try:
+        with _phase("train"), preemption.PreemptionWatcher() as watcher:
+          saver = _CheckpointHook(config, checkpointer, data_iterator, watcher)
+          state = train(config, setup, data_iterator, start_state=state, writer=writer, hooks=[saver])
+        checkpointer.wait_until_finished()
+      finally:
+        writer.close()
     finally:
-      writer.close()
       checkpointer.close()
     if saver.preempted:
-      logging.info("SIGTERM: checkpoint of step %d written; run the same command to resume", int(state.step))
+      logging.info("%s: checkpoint of step %d written; run the same command to resume",
+                   "Ctrl-C" if watcher.interrupted else "SIGTERM", int(state.step))
+      if watcher.interrupted:
+        raise KeyboardInterrupt
       return state
     if config.sample_tokens and jax.process_count() == 1:  # prompts are host-local numpy arrays
       with _phase("sample"):
@@ -331,26 +343,30 @@ def _data_state(data_iterator) -> dict:
   return data_iterator.get_state() if hasattr(data_iterator, "get_state") else {}
 
 
-def _restore_or_init(config: TrainConfig, setup: TrainSetup, checkpointer: checkpoint.TrainCheckpointer, data_iterator) -> TrainState:
-  """The latest checkpoint (data position included) if any; else converted weights if asked; else init."""
-  step = checkpointer.latest_step()
-  if step is not None:
-    state, data_state = checkpointer.restore(step, sharding.with_shardings(setup.abstract_state, setup.state_shardings))
-    if data_state:
-      data_iterator.set_state(data_state)
-    logging.info("resumed from the checkpoint of step %d in %s", step, checkpointer.directory)
-    return state
+def _restore_or_init(config: TrainConfig, setup: TrainSetup, checkpointer: checkpoint.TrainCheckpointer,
+                     data_iterator) -> tuple[TrainState, int | None]:
+  """(state, restored step): the newest intact checkpoint, data position included, if any; else
+  (converted weights if asked, else init; None)."""
+  restored = checkpointer.restore_latest(sharding.with_shardings(setup.abstract_state, setup.state_shardings))
+  if restored is not None:
+    if restored.data:
+      data_iterator.set_state(restored.data)
+    logging.info("resumed from the checkpoint of step %d in %s", restored.step, checkpointer.directory)
+    if config.checkpoint.init_from:
+      logging.info("checkpoint.init_from=%s is not loaded again: the run started from it and resumes from its checkpoint",
+                   config.checkpoint.init_from)
+    return restored.state, restored.step
   if config.checkpoint.init_from:
     pure = checkpoint.restore_params(config.checkpoint.init_from, config.model, nnx.to_pure_dict(setup.state_shardings.params))
     params = jax.tree.map(lambda x: x, setup.abstract_state.params)
     nnx.replace_by_pure_dict(params, pure)
     logging.info("parameters from %s", config.checkpoint.init_from)
-    return setup.init_from_params(params)
-  return setup.init()
+    return setup.init_from_params(params), None
+  return setup.init(), None
 
 
 class _CheckpointHook:
-  """Saves every ``every_steps``, at the last step, and when preempted (then stops the run)."""
+  """Saves every ``every_steps``, at the last step, and when preempted or interrupted (then stops the run)."""
 
   def __init__(self, config: TrainConfig, checkpointer: checkpoint.TrainCheckpointer, data_iterator, watcher: preemption.PreemptionWatcher):
     self.config, self.checkpointer, self.data_iterator, self.watcher = config, checkpointer, data_iterator, watcher

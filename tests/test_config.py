@@ -1,6 +1,8 @@
-"""MPTConfig: the published preset, validation, and both Hugging Face config.json schemas."""
+"""MPTConfig: the published preset, validation, and both Hugging Face config.json schemas; the
+validation of the TrainConfig family and how each field may change on resume."""
 
 import dataclasses
+import re
 import time
 
 import jax
@@ -9,6 +11,8 @@ from flax import nnx
 
 import configs
 from mpt_jax import MPTConfig, MPTForCausalLM
+from mpt_jax import resume
+from mpt_jax.config import CheckpointConfig, DataConfig, MeshConfig, OptimConfig, TrainConfig, dtype_name
 
 # config.json of mosaicml/mpt-1b-redpajama-200b (reference-mpt-1b.md §1).
 MPT_1B_CONFIG_JSON = {
@@ -106,3 +110,49 @@ def test_config_json_missing_a_size_raises():
   del d["n_layers"]
   with pytest.raises(ValueError, match="n_layers"):
     MPTConfig.from_hf_dict(d)
+
+
+def test_dtypes_are_accepted_as_strings_and_numpy_or_jax_dtypes():
+  import jax.numpy as jnp
+  import numpy as np
+
+  assert [dtype_name(d) for d in ("bfloat16", jnp.bfloat16, np.float32, jnp.dtype("float16"))] == ["bfloat16", "bfloat16", "float32", "float16"]
+  for bad in ("float64", np.int32, object()):
+    with pytest.raises(ValueError, match="dtype must be one of"):
+      dtype_name(bad)
+
+
+BAD_TRAIN_FIELDS = [
+    (MeshConfig, "data", 0), (MeshConfig, "fsdp", -2), (MeshConfig, "tensor", 1.5), (MeshConfig, "num_processes", 0),
+    (MeshConfig, "process_id", -1), (MeshConfig, "coordinator_address", "localhost"),
+    (OptimConfig, "name", "adam"), (OptimConfig, "lr", 0.0), (OptimConfig, "betas", (0.9, 1.0)), (OptimConfig, "betas", (0.9,)),
+    (OptimConfig, "eps", -1e-8), (OptimConfig, "weight_decay", -0.1), (OptimConfig, "warmup_steps", -1), (OptimConfig, "alpha_f", 1.5),
+    (DataConfig, "mixture", ""), (DataConfig, "bpe_vocab_size", 256), (DataConfig, "seed", -1),
+    (CheckpointConfig, "every_steps", -1), (CheckpointConfig, "keep_last", 0), (CheckpointConfig, "max_consecutive_nonfinite", 1.5),
+    (TrainConfig, "steps", -5), (TrainConfig, "steps", 0), (TrainConfig, "log_every", 0), (TrainConfig, "global_batch_size", 0),
+    (TrainConfig, "seq_len", 0), (TrainConfig, "seq_len", 1), (TrainConfig, "seq_len", 4096), (TrainConfig, "micro_batch_size", 0),
+    (TrainConfig, "micro_batch_size", 1024), (TrainConfig, "z_loss", -1e-4), (TrainConfig, "peak_flops", 0.0),
+    (TrainConfig, "sample_tokens", -1), (TrainConfig, "workdir", ""), (TrainConfig, "seed", "17"),
+]
+
+
+@pytest.mark.parametrize("section,field,value", BAD_TRAIN_FIELDS, ids=[f"{c.__name__}.{f}={v!r}" for c, f, v in BAD_TRAIN_FIELDS])
+def test_bad_training_values_raise_naming_the_field(section, field, value):
+  # seq_len=4096 exceeds model.max_seq_len (2048); micro_batch_size=1024 exceeds global_batch_size (512).
+  with pytest.raises(ValueError, match=rf"^{section.__name__}\.{field} must be .*, got {re.escape(repr(value))}$"):
+    dataclasses.replace(section(), **{field: value})
+
+
+def test_every_preset_and_two_minus_one_mesh_axes():
+  assert all(isinstance(configs.get_config(name), TrainConfig) for name in configs.PRESETS)
+  with pytest.raises(ValueError, match="at most one of data, fsdp, tensor may be -1"):
+    MeshConfig(data=-1, fsdp=-1)
+
+
+def test_resume_tiers_and_changes_by_dotted_name():
+  config = TrainConfig()
+  changed = dataclasses.replace(config, steps=10, mesh=MeshConfig(fsdp=2), optim=dataclasses.replace(config.optim, betas=(0.9, 0.99)))
+  assert resume.changes(resume.record(config), changed) == {
+      "mesh.fsdp": (-1, 2), "optim.betas": ([0.9, 0.95], [0.9, 0.99]), "steps": (24_800, 10)}
+  assert [resume.tier(f) for f in ("mesh.fsdp", "optim.betas", "steps", "seq_len", "model.d_model", "optim.name")] == [
+      "free", "allowed", "allowed", "refused", "refused", "refused"]

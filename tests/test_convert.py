@@ -21,8 +21,9 @@ import torch
 import transformers
 from flax import nnx
 
-from mpt_jax import MPTConfig, MPTForCausalLM
+from mpt_jax import MPTConfig, MPTForCausalLM, checkpoint, sharding, trainer
 from mpt_jax.checkpoint import atomic_directory, load_model, load_params, save_model, save_params
+from mpt_jax.config import MeshConfig, TrainConfig
 from mpt_jax.convert import ConversionError, load_pytorch, read_pytorch, save_pytorch, tensor_groups, write_pytorch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -301,3 +302,76 @@ def test_existing_output_is_not_overwritten(tmp_path):
   with pytest.raises(FileExistsError, match="out already exists"):
     save_pytorch(model, tmp_path / "out")
   assert list((tmp_path / "out").iterdir()) == [] and os.listdir(tmp_path) == ["out"]
+
+
+def test_an_existing_destination_is_refused_before_any_weight_is_read(tmp_path, monkeypatch):
+  for script in ("torch_to_flax", "flax_to_torch"):
+    cli = load_cli(script)
+    monkeypatch.setattr(cli, "read_pytorch" if script == "torch_to_flax" else "load_params", lambda *a, **k: pytest.fail("read first"))
+    (tmp_path / script).mkdir()
+    with pytest.raises(FileExistsError, match=f"{script} already exists"):
+      cli.main(tmp_path / "src", tmp_path / script)
+
+
+def test_a_damaged_model_folder_fails_in_one_line_naming_it(tmp_path):
+  save_model(MPTForCausalLM(tiny_config(), rngs=nnx.Rngs(0)), tmp_path / "flax")
+  largest = max((p for p in (tmp_path / "flax" / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+  result = subprocess.run([sys.executable, ROOT / "convert" / "flax_to_torch.py", tmp_path / "flax", tmp_path / "out"],
+                          capture_output=True, text=True, cwd=tmp_path)
+  assert result.returncode == 2
+  assert f"error: {tmp_path / 'flax'}: parameters cannot be read, truncated or damaged?" in result.stderr
+  assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- interchange
+
+
+def test_llm_foundry_config_json_with_null_init_std_loads(tmp_path):
+  """llm-foundry's pretraining YAMLs never set init_config.init_std: its config.json says null."""
+  config = tiny_config(n_heads=4, qk_ln=False, layout="mpt")
+  hf = config.to_hf_dict("mpt")
+  hf["init_config"]["init_std"] = None
+  state = random_state(config, "mpt", seed=9)
+  model = load_pytorch(write_checkpoint(tmp_path / "src", hf, state, "safetensors"), config_overrides={"dtype": "float32"})
+  np.testing.assert_array_equal(model.wte[...], state["transformer.wte.weight"].numpy())
+
+
+def test_dtypes_may_be_numpy_or_jax_dtypes_wherever_one_is_taken(tmp_path):
+  config = tiny_config()
+  state = random_state(config, "mosaic_gpt", seed=10)
+  src = write_checkpoint(tmp_path / "src", config.to_hf_dict(), state, "safetensors")
+  _, params = read_pytorch(src, np.float16)
+  assert params["wte"].dtype == np.float16
+  model = load_pytorch(src, dtype=jnp.bfloat16, config_overrides={"dtype": jnp.float32})
+  assert (model.config.param_dtype, model.config.dtype, model.wte[...].dtype) == ("bfloat16", "float32", jnp.bfloat16)
+  save_pytorch(model, tmp_path / "out", dtype=jnp.float32)
+  assert safetensors.torch.load_file(tmp_path / "out" / "model.safetensors")["transformer.wte.weight"].dtype == torch.float32
+  write_pytorch(model.config, params, tmp_path / "out16", dtype=np.dtype("float16"))
+  save_model(model, tmp_path / "flax")
+  restored = load_model(tmp_path / "flax", dtype=jnp.bfloat16, param_dtype=np.float32)
+  assert (restored.config.dtype, restored.wte[...].dtype) == ("bfloat16", jnp.float32)
+
+
+def test_a_training_workdir_loads_and_exports_its_newest_intact_checkpoint(tmp_path, caplog):
+  config = TrainConfig(model=tiny_config(), mesh=MeshConfig(fsdp=1), workdir=str(tmp_path / "run"), seq_len=16,
+                       global_batch_size=2, steps=4, sample_tokens=0)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  with jax.set_mesh(mesh):
+    state = trainer.make_setup(config, mesh).init()
+  saver = checkpoint.TrainCheckpointer(tmp_path / "run" / checkpoint.CHECKPOINT_DIR, config)
+  saver.save(1, state, {})
+  saver.save(2, state.replace(params=jax.tree.map(lambda x: x + 1, state.params)), {})
+  saver.close()
+  (tmp_path / "run" / "checkpoints" / "2" / "state" / "_METADATA").unlink()  # damaged: step 1 is the newest intact
+  step_1 = jax.tree.map(np.asarray, nnx.to_pure_dict(state.params))
+
+  load_cli("flax_to_torch").main(tmp_path / "run", tmp_path / "torch")
+  assert "checkpoint of step 2" in caplog.text and "state/_METADATA is missing" in caplog.text
+  write_pytorch(config.model, step_1, tmp_path / "expected")
+  assert_bit_identical(safetensors.torch.load_file(tmp_path / "expected" / "model.safetensors"),
+                       safetensors.torch.load_file(tmp_path / "torch" / "model.safetensors"))
+  model = load_model(tmp_path / "run", scan_layers=False)
+  assert model.config == dataclasses.replace(config.model, scan_layers=False)
+  np.testing.assert_array_equal(model.wte[...], step_1["wte"])
+  assert (tmp_path / "run" / "checkpoints" / "2").exists()  # reading moves nothing

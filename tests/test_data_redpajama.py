@@ -1,4 +1,5 @@
-"""The RedPajama Tasks and mixture end to end on tiny JSONL subsets: prepare CLI, manifest, iterator.
+"""The RedPajama Tasks and mixture end to end on tiny JSONL subsets: prepare CLI, manifest, iterator,
+stale prepared data, inputs that yield nothing.
 
 Every subset writes one letter only ("aaaa a aaa"), so a decoded row shows which sources it mixes.
 """
@@ -133,3 +134,54 @@ def test_a_tfds_dataset_is_a_source(config, tmp_path):
   direct = np.concatenate([vocabulary.encode(t.decode()) + [0] for t in (ex["text"] for ex in tfds.as_numpy(ordered)) if t])
   rows = len(direct) // SEQ_LEN
   np.testing.assert_array_equal(dataset.read(np.zeros(rows, int), np.arange(rows)), direct[: rows * SEQ_LEN].reshape(rows, SEQ_LEN))
+
+
+def _write_jsonl(path, texts):
+  with open(path, "ab") as f:
+    f.write(b"".join(json.dumps({"text": t}).encode() + b"\n" for t in texts))
+
+
+def _c4_only(config, tmp_path) -> DataConfig:
+  return dataclasses.replace(config, mixture="redpajama_c4", source_patterns=(f"c4={tmp_path}/c4/*.jsonl*",),
+                             prepared_dir=str(tmp_path / "prepared"))
+
+
+def test_prepared_data_is_redone_after_its_input_files_change(config, tmp_path):
+  (tmp_path / "c4").mkdir()
+  rng = np.random.default_rng(1)
+  _write_jsonl(tmp_path / "c4" / "a.jsonl", documents(rng, "c"))
+  data = _c4_only(config, tmp_path)
+  train = TrainConfig(model=MPTConfig(vocab_size=384), data=data, seq_len=SEQ_LEN, global_batch_size=4)
+  first = shards.PreparedDataset(prepare.prepare(data, SEQ_LEN))
+  assert make_train_iterator(train, process_index=0, process_count=1).dataset.fingerprint == first.fingerprint
+
+  _write_jsonl(tmp_path / "c4" / "b.jsonl", documents(rng, "c"))  # a file added
+  with pytest.raises(ValueError, match=r"is stale, its input files changed since: 1 added \(.*/c4/b.jsonl\); run `python -m mpt_jax.data.prepare`"):
+    make_train_iterator(train, process_index=0, process_count=1)
+  second = shards.PreparedDataset(prepare.prepare(data, SEQ_LEN))
+  _write_jsonl(tmp_path / "c4" / "a.jsonl", documents(rng, "c"))  # a file grown
+  third = shards.PreparedDataset(prepare.prepare(data, SEQ_LEN))
+  assert first.directory == second.directory == third.directory
+  assert [d.manifest["sources"]["redpajama_c4"]["stats"]["documents"] for d in (first, second, third)] == [40, 80, 120]
+  assert make_train_iterator(train, process_index=0, process_count=1).dataset.fingerprint == third.fingerprint
+
+
+def test_inputs_that_yield_no_row_fail_naming_each_file_and_cache_nothing(config, tmp_path, capsys):
+  (tmp_path / "c4").mkdir()
+  files = {
+      "empty.jsonl": (b"", "0 documents, skipped none"),
+      "malformed.jsonl": (b"{broken\n[1, 2]\n", "0 documents, skipped 1 malformed_json, 1 missing_text"),
+      "binary.jsonl": (bytes(range(256)) * 8, "0 documents, skipped "),
+      "fake.jsonl.zst": (b"this is not zstd", "0 documents, skipped 1 corrupt_file"),
+  }
+  for name, (content, _) in files.items():
+    (tmp_path / "c4" / name).write_bytes(content)
+  data = _c4_only(config, tmp_path)
+  argv = ["--data.mixture", data.mixture, "--data.source-patterns", *data.source_patterns, "--data.tokenizer-path",
+          data.tokenizer_path, "--data.prepared-dir", data.prepared_dir, "--seq-len", str(SEQ_LEN), "--workers", "1"]
+  assert prepare.main(argv) == 2
+  error = capsys.readouterr().err.split("\n")[-2]  # after the progress bar, one line
+  assert error.startswith(f"error: redpajama_c4 yields no full row of {SEQ_LEN} tokens, so nothing was prepared; per file: ")
+  for name, (_, summary) in files.items():
+    assert f"{tmp_path / 'c4' / name}: {summary}" in error
+  assert not (tmp_path / "prepared").exists() or not any((tmp_path / "prepared").iterdir())

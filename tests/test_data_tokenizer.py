@@ -59,6 +59,14 @@ def test_missing_tokenizer_file_is_named(tmp_path):
     load_tokenizer(DataConfig(tokenizer_path=str(tmp_path / "nope.json")))
 
 
+@pytest.mark.parametrize("content", [b"not json", b'{"version": "1.0"}', b"\xff\xfe\x00 binary"], ids=["text", "json", "binary"])
+def test_a_file_that_is_not_a_tokenizer_is_named(tmp_path, content):
+  path = tmp_path / "vocab.json"
+  path.write_bytes(content)
+  with pytest.raises(ValueError, match=rf"tokenizer file {tmp_path}/vocab.json .*not .*tokenizer.json"):
+    load_tokenizer(DataConfig(tokenizer_path=str(path)))
+
+
 def test_real_mixture_needs_a_tokenizer_path():
   with pytest.raises(ValueError, match="tokenizer_path"):
     load_tokenizer(DataConfig(mixture="redpajama_llama"))

@@ -34,8 +34,6 @@ def test_mesh_shape_resolves_the_free_axis(config, expected):
     [
         (MeshConfig(data=2, fsdp=2, tensor=1), r"needs 4 devices, but there are 8"),
         (MeshConfig(data=3, fsdp=-1, tensor=1), r"not divisible by the fixed axes \(3\)"),
-        (MeshConfig(data=-1, fsdp=-1, tensor=1), r"at most one -1"),
-        (MeshConfig(data=0, fsdp=8, tensor=1), r"must be positive"),
     ],
     ids=lambda x: str(x).split(", multi")[0] if isinstance(x, MeshConfig) else None,
 )

@@ -90,6 +90,17 @@ def test_cli_parses_preset_and_overrides():
   assert published.micro_batch_size == 11
 
 
+@pytest.mark.parametrize("flags", [["--steps", "-5"], ["--log-every", "0"], ["--global-batch-size", "0"], ["--seq-len", "0"]],
+                         ids=lambda flags: " ".join(flags))
+def test_a_bad_value_is_one_error_line_exit_2_and_writes_nothing(tmp_path, capsys, flags):
+  import train
+
+  assert train.run(["--workdir", str(tmp_path / "run"), *flags]) == 2
+  stderr = capsys.readouterr().err
+  assert stderr.startswith(f"error: TrainConfig.{flags[0][2:].replace('-', '_')} must be ") and stderr.count("\n") == 1
+  assert not (tmp_path / "run").exists()
+
+
 def test_default_run_writes_tensorboard_jsonl_and_png(tmp_path):
   result = subprocess.run(
       [sys.executable, "train.py", "--workdir", str(tmp_path), "--steps", "4", "--log_every", "2", "--sample_tokens", "4"],

@@ -95,7 +95,7 @@ def make_train_iterator(config: TrainConfig, *, process_index: int, process_coun
   """This host's iterator over `config.data`, packed to `config.seq_len`.
 
   The embedded corpus is prepared on first use (seconds, offline); other data must have been
-  prepared with `python -m mpt_jax.data.prepare`.
+  prepared with `python -m mpt_jax.data.prepare`, from the input files there are now.
   """
   data = config.data
   tokenizer = load_tokenizer(data)
@@ -106,6 +106,9 @@ def make_train_iterator(config: TrainConfig, *, process_index: int, process_coun
     from mpt_jax.data import prepare  # TensorFlow, only for this one-time step
 
     prepare.prepare(data, config.seq_len)
+  if (directory / shards.INPUTS).exists() and (changed := shards.changed_inputs(directory)):
+    raise ValueError(f"prepared data {directory} is stale, its input files changed since: {changed}; "
+                     "run `python -m mpt_jax.data.prepare` with this run's data flags again")
   return TrainIterator(
       shards.PreparedDataset(directory),
       seed=data.seed,

@@ -3,7 +3,10 @@
 Runs the seqio Tasks of `DataConfig.mixture` (tasks.py), one job per source unit, in worker
 processes, and writes `shards.dataset_dir(...)`: what `make_train_iterator` reads, so training
 never tokenizes. The directory appears only when complete (built under a temp name, then
-renamed), so an interrupted prepare is simply rerun.
+renamed), so an interrupted prepare is simply rerun. It records the input files it read
+(names, sizes, modification times): after files are added, removed or changed, a rerun
+prepares the data again. A source that yields no full row (empty or unreadable files) is an
+error listing what each of its files gave, and nothing is written.
 
   python -m mpt_jax.data.prepare [PRESET] [--data.FIELD VALUE ...] [--seq-len N] [--workers N]
 
@@ -27,6 +30,7 @@ import seqio
 import tqdm
 import tyro
 
+from mpt_jax import cli
 from mpt_jax.config import DataConfig
 from mpt_jax.data import shards, sources, tasks
 from mpt_jax.data.tokenizer import load_tokenizer
@@ -41,15 +45,31 @@ class PrepareArgs:
   workers: int = os.cpu_count() or 1  # processes; 1 runs in this process
   unit_mb: int = sources.DEFAULT_UNIT_BYTES >> 20  # plain JSONL files are split into units of this size
 
+  def __post_init__(self):
+    for name, least in (("seq_len", 2), ("workers", 1), ("unit_mb", 1)):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise ValueError(f"PrepareArgs.{name} must be an integer >= {least}, got {value!r}")
+
 
 def prepare(config: DataConfig, seq_len: int, *, workers: int = 1,
             unit_bytes: int = sources.DEFAULT_UNIT_BYTES) -> pathlib.Path:
-  """Prepares `config`'s data packed to `seq_len` (if not done yet) and returns its directory."""
+  """Prepares `config`'s data packed to `seq_len` (unless done from the same input files); returns its directory.
+
+  Raises:
+    ValueError: a source yields no full row of `seq_len` tokens; names each of its files
+      with what it gave (documents, skipped records by reason).
+  """
   tokenizer = load_tokenizer(config)
   out = shards.dataset_dir(config, seq_len, tokenizer)
   if (out / shards.MANIFEST).exists():
-    return out
+    changed = shards.changed_inputs(out)
+    if changed is None:
+      return out
+    logging.warning("%s is stale, its input files changed: %s; preparing it again", out, changed)
   provider = _register(config, unit_bytes)
+  patterns = tasks.input_patterns(config)
+  inputs = shards.input_files(patterns)  # before reading: a file changed meanwhile makes the next run redo it
   rates = tasks.tasks_of(provider)
   jobs = [(t.name, i, len(t.source.units)) for t in seqio.get_subtasks(provider) for i in range(len(t.source.units))]
   tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -60,18 +80,44 @@ def prepare(config: DataConfig, seq_len: int, *, workers: int = 1,
         results.append(result)
         bar.set_postfix(rows=sum(r["rows"] for r in results), refresh=False)
         bar.update()
+    _require_rows(results, rates, seq_len)
     manifest = shards.write_manifest(tmp, _manifest(config, seq_len, tokenizer, rates, results))
+    shards.write_inputs(tmp, patterns, inputs)
     for name, source in manifest["sources"].items():
       stats = sources.summary(collections.Counter(source["stats"]))
       logging.info("prepared %s: %s rows; %s", name, f"{source['rows']:,}", stats)
+    _replace(tmp, out)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
+  return out
+
+
+def _require_rows(results: list[dict], rates: dict[str, float], seq_len: int) -> None:
+  """Refuses a source without a full row: training would learn of it at its first step."""
+  for task in rates:
+    mine = [r for r in results if r["task"] == task]
+    if sum(r["rows"] for r in mine):
+      continue
+    per_file = collections.defaultdict(collections.Counter)
+    for r in mine:
+      per_file[sources.unit_path(r["unit"])].update(r["stats"])
+    files = "; ".join(f"{path}: {sources.summary(stats)}" for path, stats in sorted(per_file.items()))
+    raise ValueError(f"{task} yields no full row of {seq_len} tokens, so nothing was prepared; per file: {files}")
+
+
+def _replace(tmp: pathlib.Path, out: pathlib.Path) -> None:
+  """Renames `tmp` to `out`, moving a stale `out` out of the way first."""
+  stale = out.with_name(f".{out.name}.{os.getpid()}.stale")
+  if out.exists():
+    os.rename(out, stale)
+  try:
     os.rename(tmp, out)
   except OSError:
     if not (out / shards.MANIFEST).exists():
       raise
     # another process finished the same data first: keep theirs
   finally:
-    shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
-  return out
+    shutil.rmtree(stale, ignore_errors=True)
 
 
 def _run(jobs, register_args, seq_len, tmp, workers):
@@ -98,7 +144,7 @@ def _pack_unit(arg) -> dict:
   )
   file = f"{task_name}/shard-{index:05d}.bin"
   rows, sha256 = shards.write_rows(pathlib.Path(tmp) / file, (ex["targets"] for ex in dataset.as_numpy_iterator()))
-  return dict(task=task_name, file=file, rows=rows, sha256=sha256, stats=dict(task.source.stats))
+  return dict(task=task_name, unit=task.source.units[index], file=file, rows=rows, sha256=sha256, stats=dict(task.source.stats))
 
 
 def _manifest(config, seq_len, tokenizer, rates, results) -> dict:
@@ -129,13 +175,20 @@ def parse_args(argv: list[str]) -> PrepareArgs:
 
     preset = configs.get_config(argv.pop(0))
     default = dataclasses.replace(default, data=preset.data, seq_len=preset.seq_len)
-  return tyro.cli(PrepareArgs, default=default, args=argv)
+  with cli.config_errors_raise():  # a bad value raises ValueError
+    return tyro.cli(PrepareArgs, default=default, args=argv)
 
 
-def main(args: PrepareArgs) -> None:
+def main(argv: list[str]) -> int:
+  """Prepares what ``argv`` asks for and prints its directory; returns the exit status (mpt_jax.cli)."""
   logging.basicConfig(level=logging.INFO, format="%(message)s")
-  print(prepare(args.data, args.seq_len, workers=args.workers, unit_bytes=args.unit_mb << 20))
+
+  def command():
+    args = parse_args(argv)
+    print(prepare(args.data, args.seq_len, workers=args.workers, unit_bytes=args.unit_mb << 20))
+
+  return cli.run(command)
 
 
 if __name__ == "__main__":
-  main(parse_args(sys.argv[1:]))
+  sys.exit(main(sys.argv[1:]))

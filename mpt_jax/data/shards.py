@@ -4,17 +4,20 @@ Layout of one prepared dataset (a directory, renamed into place only when comple
 
   manifest.json           seq_len, tokenizer, per source: rate, rows, documents, skipped
                           records, shards (file, rows, sha256); `fingerprint` hashes it all
+  inputs.json             the glob patterns read and each file they matched (path, size,
+                          modification time): `changed_inputs` tells stale data from current
   <task>/shard-00000.bin  int32 [rows, seq_len], C order, no header
 
 Rows are read with `os.preadv` straight into the batch buffer: no TensorFlow, no memory maps
 (which would hold one file descriptor per shard for thousands of shards).
 """
 
+import glob
 import hashlib
 import json
 import os
 import pathlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -22,15 +25,54 @@ from mpt_jax.config import DataConfig
 from mpt_jax.data.tokenizer import Tokenizer, write_atomically
 
 MANIFEST = "manifest.json"
+INPUTS = "inputs.json"
 FORMAT_VERSION = 1
 
 
 def dataset_dir(config: DataConfig, seq_len: int, tokenizer: Tokenizer) -> pathlib.Path:
-  """Where `config`'s data packed to `seq_len` lives: keyed by everything that changes the rows."""
+  """Where `config`'s data packed to `seq_len` lives: keyed by everything that changes the rows.
+
+  Except the input files' contents, which inputs.json records: a directory prepared from other
+  files than the patterns match now is stale (`changed_inputs`), and prepared again.
+  """
   sources = [config.mixture, config.data_dir, config.source_patterns, config.tfds_data_dir]
   key = json.dumps([FORMAT_VERSION, *sources, tokenizer.sha256, seq_len])
   digest = hashlib.sha256(key.encode()).hexdigest()[:16]
   return pathlib.Path(config.prepared_dir).expanduser() / f"{config.mixture}-L{seq_len}-{digest}"
+
+
+def input_files(patterns: Sequence[str]) -> list[list]:
+  """[path, size, modification time in ns] of each file the glob patterns match, sorted by path."""
+  paths = sorted({p for pattern in patterns for p in glob.glob(os.path.expanduser(pattern), recursive=True)})
+  return [[p, st.st_size, st.st_mtime_ns] for p, st in ((p, os.stat(p)) for p in paths)]
+
+
+def write_inputs(directory: pathlib.Path, patterns: Sequence[str], files: list[list]) -> None:
+  """Records the input `files` (from `input_files(patterns)`, taken before reading them) in inputs.json."""
+  write_atomically(directory / INPUTS, json.dumps(dict(patterns=list(patterns), files=files), indent=1).encode())
+
+
+def changed_inputs(directory: pathlib.Path) -> str | None:
+  """How the files matching the recorded patterns differ from those prepared; None if they do not.
+
+  None too when none of the patterns matches anything: the raw data is not on this machine
+  (prepared elsewhere and copied), so there is nothing to compare.
+  """
+  path = directory / INPUTS
+  if not path.exists():
+    return f"{path} is missing (prepared by an older mpt-jax), so its input files are unknown"
+  record = json.loads(path.read_text())
+  now = input_files(record["patterns"])
+  if record["patterns"] and not now:
+    return None
+  before, after = {p: (size, mtime) for p, size, mtime in record["files"]}, {p: (size, mtime) for p, size, mtime in now}
+  changes = {
+      "added": sorted(after.keys() - before.keys()),
+      "removed": sorted(before.keys() - after.keys()),
+      "modified": sorted(p for p in before.keys() & after.keys() if before[p] != after[p]),
+  }
+  listed = [f"{len(files)} {what} ({', '.join(files[:3])}{', ...' if len(files) > 3 else ''})" for what, files in changes.items() if files]
+  return ", ".join(listed) or None
 
 
 def write_rows(path: pathlib.Path, rows: Iterable[np.ndarray]) -> tuple[int, str]:

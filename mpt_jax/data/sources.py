@@ -81,6 +81,11 @@ def summary(stats: collections.Counter) -> str:
   return f"{stats[DOCUMENTS]:,} documents, skipped " + (", ".join(f"{v:,} {k}" for k, v in skipped.items()) or "none")
 
 
+def unit_path(unit: str) -> str:
+  """The file a unit reads (the unit itself for whole files)."""
+  return _parse_unit(unit)[0]
+
+
 def _open(path: str) -> io.BufferedIOBase:
   if path.endswith(".gz"):
     return gzip.open(path, "rb")

@@ -168,6 +168,14 @@ def register(config: DataConfig, tokenizer: Tokenizer, *, unit_bytes: int = sour
   return seqio.MixtureRegistry.add(REDPAJAMA_MIXTURE, rates)
 
 
+def input_patterns(config: DataConfig) -> list[str]:
+  """The glob patterns of `config`'s file sources (none for the embedded corpus and TFDS sources)."""
+  if config.mixture in corpus.EMBEDDED:
+    return []
+  patterns = _subset_patterns(config, _redpajama_subsets(config.mixture)).values()
+  return [p for p in patterns if not p.startswith(TFDS_PREFIX)]
+
+
 def tasks_of(provider: seqio.Task | seqio.Mixture) -> dict[str, float]:
   """Task name -> sampling rate (normalized to sum to 1)."""
   if isinstance(provider, seqio.Task):

@@ -25,11 +25,14 @@ class Tokenizer:
   """A `tokenizers.Tokenizer` whose EOS is `<|endoftext|>`; `sha256` identifies it in prepared data."""
 
   def __init__(self, tokenizer_json: str, *, source: str):
-    self._hf = tokenizers.Tokenizer.from_str(tokenizer_json)
+    try:
+      self._hf = tokenizers.Tokenizer.from_str(tokenizer_json)
+    except Exception as e:  # tokenizers raises a bare Exception ("expected value at line 1 column 1")
+      raise ValueError(f"{source} is not a Hugging Face tokenizer.json ({e})") from e
     self.sha256 = hashlib.sha256(tokenizer_json.encode()).hexdigest()
     eos_id = self._hf.token_to_id(EOS_TOKEN)
     if eos_id is None:
-      raise ValueError(f"tokenizer {source} has no {EOS_TOKEN!r} token to use as EOS")
+      raise ValueError(f"{source} has no {EOS_TOKEN!r} token to use as EOS")
     self.eos_id: int = eos_id
     self.vocab_size: int = self._hf.get_vocab_size(with_added_tokens=True)  # GPT-NeoX: 50277
 
@@ -38,7 +41,11 @@ class Tokenizer:
     path = pathlib.Path(path).expanduser()
     if not path.is_file():
       raise FileNotFoundError(f"tokenizer file {path} does not exist (DataConfig.tokenizer_path)")
-    return cls(path.read_text(encoding="utf-8"), source=str(path))
+    try:
+      text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+      raise ValueError(f"tokenizer file {path} is not text, so not a tokenizer.json (DataConfig.tokenizer_path)") from e
+    return cls(text, source=f"tokenizer file {path} (DataConfig.tokenizer_path)")
 
   def encode(self, text: str) -> list[int]:
     """Token ids of `text`, without EOS."""
