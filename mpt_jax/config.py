@@ -416,6 +416,27 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """Evaluation during training (mpt_jax.eval.training): held-out loss and, optionally, ICL tasks."""
+
+  every_steps: int = 0  # steps between evaluations (also at the last step); 0: none, and no rows held out
+  heldout_rows: int = 64  # rows per source kept out of training while every_steps > 0 (each source's last rows)
+  icl_tasks: tuple[str, ...] = ()  # ICL tasks scored at each evaluation: standard names or llm-foundry JSONL files
+  icl_data_dir: str = ""  # folder of the standard tasks' files (piqa.jsonl, ...)
+  icl_max_examples: int = 500  # examples scored per task (the file's first); 0: all
+  icl_batch_size: int = 16  # sequences per compiled scoring step
+
+  def __post_init__(self):
+    for name in ("every_steps", "heldout_rows", "icl_max_examples"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"EvalConfig.{name} must be >= 0, got {getattr(self, name)}")
+    if self.every_steps and self.heldout_rows < 1:
+      raise ValueError(f"EvalConfig.heldout_rows must be >= 1 when every_steps > 0, got {self.heldout_rows}")
+    if self.icl_batch_size < 1:
+      raise ValueError(f"EvalConfig.icl_batch_size must be >= 1, got {self.icl_batch_size}")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """One training run (mpt_jax.trainer, train.py). mpt_jax.resume says which fields may change on resume."""
 
@@ -424,6 +445,7 @@ class TrainConfig:
   optim: OptimConfig = OptimConfig()
   data: DataConfig = DataConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
+  eval: EvalConfig = EvalConfig()
   workdir: str = "workdir"  # logs, metrics.jsonl, checkpoints
   seed: int = 17  # parameter init
   seq_len: int = 2048  # tokens per row

@@ -44,6 +44,9 @@ def mfu(tokens_per_s: float, flops_per_token: float, n_devices: int, peak: float
 class MetricsWriter:
   """Logged steps to TensorBoard event files and ``workdir/metrics.jsonl``; the loss PNG on close.
 
+  A name without a slash is a training metric (TensorBoard tag ``train/<name>``); one with a
+  slash, such as ``eval/loss``, is its own tag. Each ``write`` is one JSON line.
+
   ``resumed_step``: the step the run restored (history after it is dropped), or None for a
   fresh start (an earlier run's history is moved aside).
   """
@@ -69,7 +72,7 @@ class MetricsWriter:
       return
     for name, value in metrics.items():
       if value is not None:
-        self._tensorboard.add_scalar(f"train/{name}", value, step)
+        self._tensorboard.add_scalar(name if "/" in name else f"train/{name}", value, step)
     self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
     self._jsonl.flush()
 
@@ -106,9 +109,16 @@ def _keep_steps_up_to(metrics_file: pathlib.Path, step: int) -> None:
 
 
 def plot_loss(metrics_file: pathlib.Path, path: pathlib.Path) -> None:
-  """Loss against step from metrics.jsonl, via a temp file + rename."""
-  history = [json.loads(line) for line in metrics_file.read_text().splitlines()]
-  if not history:
+  """Training loss (and the held-out eval/loss, if logged) against step from metrics.jsonl, via a temp file + rename.
+
+  All of it, a resumed run's too; a metric logged twice for a step (replayed after a crash) counts once.
+  """
+  history: dict[int, dict] = {}
+  for record in map(json.loads, metrics_file.read_text().splitlines()):
+    history.setdefault(record["step"], {}).update(record)
+  curves = {label: [(step, history[step][key]) for step in sorted(history) if key in history[step]]
+            for label, key in (("train", "loss"), ("held-out", "eval/loss"))}
+  if not curves["train"]:
     return
   import matplotlib
 
@@ -116,7 +126,10 @@ def plot_loss(metrics_file: pathlib.Path, path: pathlib.Path) -> None:
   from matplotlib import pyplot as plt
 
   fig, ax = plt.subplots(figsize=(6, 4))
-  ax.plot([r["step"] for r in history], [r["loss"] for r in history])
+  for label, points in curves.items():
+    if points:
+      ax.plot(*zip(*points), label=label, marker="o" if label == "held-out" else None)
+  ax.legend()
   ax.set(xlabel="step", ylabel="loss (nats/token)", title="training loss")
   ax.grid(alpha=0.3)
   tmp = path.with_name(f".{path.name}.tmp")

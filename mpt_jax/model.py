@@ -9,6 +9,7 @@ Dimension letters: B batch, T positions, N heads, H head dim, D d_model, F MLP h
 V vocab, C the three fused projections (q, k, v), L layers.
 """
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -19,7 +20,7 @@ from flax import nnx
 
 from mpt_jax import ops
 from mpt_jax.alibi import alibi_slopes
-from mpt_jax.attention import dot_product_attention, reference
+from mpt_jax.attention import decode, dot_product_attention, reference
 from mpt_jax.config import MPTConfig
 
 REMAT_POLICIES = {
@@ -99,9 +100,9 @@ class Attention(nnx.Module):
     """x: [B, T, D] -> ([B, T, D], cache).
 
     With ``cache`` (k, v [B, S, N, H]: this layer's keys and values so far) the new keys and
-    values are written at ``position`` and the queries, there too, attend to the whole cache
-    (causal masking hides its unwritten tail); the updated cache is returned. Cached keys
-    are stored after QK-LN, as MosaicGPT's cache does (§2.8).
+    values are written at ``position`` (a scalar, or int [B]: one per row) and the queries,
+    there too, attend to the whole cache (causal masking hides its unwritten tail); the
+    updated cache is returned. Cached keys are stored after QK-LN, as MosaicGPT's cache does (§2.8).
     """
     c = self.config
     qkv = jnp.einsum("BTD,DCNH->BTCNH", x, self.qkv_proj[...].astype(c.dtype))
@@ -118,10 +119,19 @@ class Attention(nnx.Module):
           q, k, v, slopes=slopes, segment_ids=segment_ids, causal=True, scale=c.softmax_scale, impl=c.attn_impl
       )
     else:  # a few queries against a long cache: plain XLA (flash kernels gain nothing here)
-      cache = tuple(jax.lax.dynamic_update_slice_in_dim(old, new.astype(old.dtype), position, axis=1)
-                    for old, new in zip(cache, (k, v)))
-      out = reference.attention(q, *cache, slopes=slopes, causal=True, scale=c.softmax_scale, q_offset=position)
+      cache = tuple(_write_cache(old, new, position) for old, new in zip(cache, (k, v)))
+      attend = decode.attention if x.shape[1] == 1 else functools.partial(reference.attention, causal=True)
+      out = attend(q, *cache, slopes=slopes, scale=c.softmax_scale, q_offset=position)
     return jnp.einsum("BTNH,NHD->BTD", out, self.out_proj[...].astype(c.dtype)), cache
+
+
+def _write_cache(cache, new, position):
+  """cache [B, S, N, H] with new [B, T, N, H] written at ``position``: one offset, or one per row."""
+  new = new.astype(cache.dtype)
+  if jnp.ndim(position) == 0:
+    return jax.lax.dynamic_update_slice_in_dim(cache, new, position, axis=1)
+  write_row = lambda row, new_row, at: jax.lax.dynamic_update_slice_in_dim(row, new_row, at, axis=0)
+  return jax.vmap(write_row)(cache, new, position)
 
 
 class MLP(nnx.Module):
@@ -169,10 +179,15 @@ def _stacked_blocks(config: MPTConfig, rngs: nnx.Rngs) -> Block:
 
 
 class KVCache(NamedTuple):
-  """Keys and values of every layer for cached decoding, [L, B, S, N, H] each (after QK-LN)."""
+  """Keys and values of every layer for cached decoding (after QK-LN).
 
-  k: jax.Array
-  v: jax.Array
+  Either stacked, [L, B, S, N, H] each (init_cache), or, with scan_layers=False, tuples of L
+  per-layer [B, S, N, H] arrays: those stay separate buffers that each step updates in place,
+  where a stacked cache would be re-stacked (copied whole) at every step.
+  """
+
+  k: jax.Array | tuple[jax.Array, ...]
+  v: jax.Array | tuple[jax.Array, ...]
 
 
 class MPTForCausalLM(nnx.Module):
@@ -230,7 +245,8 @@ class MPTForCausalLM(nnx.Module):
     Args:
       input_ids: int [B, T]: the prompt (position 0) or the next token(s).
       cache: from init_cache, holding the keys and values of positions < ``position``.
-      position: int (may be traced) where input_ids start; position + T <= cache length.
+      position: int (may be traced) where input_ids start, or int [B], one per row (prompts of
+        different lengths, right-padded); position + T <= cache length.
 
     Returns:
       (float32 logits [B, T, vocab_size], the cache with these positions written).
@@ -254,7 +270,7 @@ class MPTForCausalLM(nnx.Module):
     return self.ln_f(x), cache
 
   def _apply_blocks(self, x, segment_ids, cache: KVCache | None, position):
-    """x through every block; with a cache, each layer reads and writes its slice [l]."""
+    """x through every block; with a cache, each layer reads and writes its slice [l] (or its own array)."""
 
     def apply_block(x, block_state, layer_cache):
       return nnx.merge(graphdef, block_state)(x, segment_ids, layer_cache, position)
@@ -272,7 +288,8 @@ class MPTForCausalLM(nnx.Module):
       layer_caches.append(layer_cache)
     if cache is None:
       return x, None
-    return x, KVCache(*(jnp.stack(kv) for kv in zip(*layer_caches)))
+    restack = jnp.stack if isinstance(cache.k, jax.Array) else tuple  # keep the layout the cache came in
+    return x, KVCache(*(restack(kv) for kv in zip(*layer_caches)))
 
 
 def stack_layers(layers: list[dict]) -> dict:

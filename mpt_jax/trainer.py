@@ -273,9 +273,9 @@ def sample(config: TrainConfig, setup: TrainSetup, state: TrainState, prompt_ids
 
   max_new_tokens = min(config.sample_tokens, config.model.max_seq_len - prompt_ids.shape[1])
   model = nnx.merge(setup.graphdef, state.params)
-  tokens = generate(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, rng=state.rng)
+  new_tokens = generate(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, rng=state.rng)
   tokenizer = load_tokenizer(config.data)
-  return [tokenizer.decode(row.tolist()) for row in np.asarray(tokens)]
+  return [tokenizer.decode([*prompt, *new]) for prompt, new in zip(prompt_ids.tolist(), new_tokens)]
 
 
 def main(config: TrainConfig, data_iterator: Iterator[dict[str, np.ndarray]] | None = None) -> TrainState:
@@ -318,7 +318,12 @@ def _run(config: TrainConfig, data_iterator: Iterator[dict[str, np.ndarray]] | N
       try:
         with _phase("train"), preemption.PreemptionWatcher() as watcher:
           saver = _CheckpointHook(config, checkpointer, data_iterator, watcher)
-          state = train(config, setup, data_iterator, start_state=state, writer=writer, hooks=[saver])
+          hooks = [saver]
+          if config.eval.every_steps:
+            from mpt_jax.eval.training import HeldoutEval  # not at the top: mpt_jax.eval imports this module
+
+            hooks.append(HeldoutEval(config, setup, data_iterator, writer))
+          state = train(config, setup, data_iterator, start_state=state, writer=writer, hooks=hooks)
         checkpointer.wait_until_finished()
       finally:
         writer.close()

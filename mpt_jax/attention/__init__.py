@@ -7,6 +7,7 @@
   pallas flash attention with in-kernel ALiBi (pallas_triton.py), T == S only; without a GPU
          the same kernels run in the Pallas interpreter (tests).
   auto   pallas on GPU for the shapes it supports (T == S, power-of-two head_dim), xla otherwise.
+Cached decoding (one new query per row against a KV cache) calls decode.attention directly.
 """
 
 import functools

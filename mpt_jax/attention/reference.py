@@ -23,8 +23,9 @@ def attention(q, k, v, *, slopes, segment_ids=None, causal=True, scale=None, pre
     causal: mask keys after the query.
     scale: softmax scale; defaults to 1/sqrt(H).
     precision: matmul precision (tests pass HIGHEST for an exact float32 reference).
-    q_offset: position of the first query (may be traced); None: S - T. Cached decoding
-      passes the write position, so keys past the queries (unwritten cache) are masked.
+    q_offset: position of the first query (may be traced), a scalar or int [B] (one per row:
+      a batch of prompts of different lengths); None: S - T. Cached decoding passes the write
+      position, so keys past the queries (unwritten cache) are masked.
 
   Returns:
     [B, T, N, H] in q's dtype.
@@ -34,12 +35,14 @@ def attention(q, k, v, *, slopes, segment_ids=None, causal=True, scale=None, pre
   scores = jnp.einsum("BTNH,BSNH->BNTS", q, k, precision=precision, preferred_element_type=jnp.float32)
   scores = scores * scale
   q_offset = s - t if q_offset is None else q_offset
-  q_pos = q_offset + jnp.arange(t)[:, None]  # [T, 1]
-  k_pos = jnp.arange(s)[None, :]  # [1, S]
+  if segment_ids is not None and jnp.ndim(q_offset):
+    raise ValueError(f"per-row q_offset {jnp.shape(q_offset)} is not supported with segment_ids")
+  q_pos = jnp.reshape(q_offset, (-1, 1, 1, 1)) + jnp.arange(t)[:, None]  # [B or 1, 1, T, 1]
+  k_pos = jnp.arange(s)  # [S]
   slopes = jnp.asarray(slopes, jnp.float32)[None, :, None, None]  # [1, N, 1, 1]
   scores = scores + masks.alibi_bias(slopes, q_pos, k_pos, causal=causal)
   if segment_ids is None:
-    keep = masks.keep_mask(q_pos, k_pos, causal=causal)[None, None]
+    keep = masks.keep_mask(q_pos, k_pos, causal=causal)  # [B or 1, 1, T, S]
   else:
     q_seg = jax.lax.dynamic_slice_in_dim(segment_ids, q_offset, t, axis=1)[:, None, :, None]  # [B, 1, T, 1]
     k_seg = segment_ids[:, None, None, :]  # [B, 1, 1, S]

@@ -5,7 +5,8 @@ Global batch i is decided by (seed, i) and how many rows each source gave before
 epoch's pseudorandom order) fill them. That counter per source and the step are the whole
 state, so a restore replays nothing and batch i is the same whatever restarts happened.
 Every host computes the draw for the whole batch (cheap) and reads only its rows
-[process_index * B, (process_index + 1) * B). No TensorFlow here.
+[process_index * B, (process_index + 1) * B). With `heldout_rows` > 0 the last rows of each
+source are never read (`heldout_index` lists them, for evaluation). No TensorFlow here.
 """
 
 import numpy as np
@@ -19,7 +20,10 @@ class TrainIterator:
   """Yields {'input_ids': int32 [B, T]} (+ 'segment_ids', 'positions' when asked), B = this host's rows."""
 
   def __init__(self, dataset: shards.PreparedDataset, *, seed: int, global_batch_size: int, process_index: int,
-               process_count: int, eos_id: int, segment_ids: bool = False, positions: bool = False):
+               process_count: int, eos_id: int, segment_ids: bool = False, positions: bool = False, heldout_rows: int = 0):
+    small = [f"{n} ({r} rows)" for n, r in zip(dataset.names, dataset.rows) if r <= heldout_rows]
+    if small:
+      raise ValueError(f"holding out {heldout_rows} rows per source leaves nothing to train on in {', '.join(small)}")
     if global_batch_size % process_count:
       raise ValueError(f"global_batch_size={global_batch_size} must be divisible by process_count={process_count}")
     if not 0 <= process_index < process_count:
@@ -31,6 +35,7 @@ class TrainIterator:
     self._first_row = process_index * self.local_batch_size
     self._eos_id = eos_id
     self._outputs = dict(segment_ids=segment_ids, positions=positions)
+    self.heldout_rows = heldout_rows  # the last rows of each source, never read
     self.step = 0
     self._consumed = np.zeros(len(dataset.names), np.int64)  # rows taken from each source so far
 
@@ -54,7 +59,8 @@ class TrainIterator:
   def get_state(self) -> dict:
     """JSON-serializable position: saved with the checkpoint, given back to `set_state`."""
     consumed = {name: int(n) for name, n in zip(self.dataset.names, self._consumed)}
-    return dict(step=self.step, consumed=consumed, seed=self.seed, fingerprint=self.dataset.fingerprint)
+    return dict(step=self.step, consumed=consumed, seed=self.seed, fingerprint=self.dataset.fingerprint,
+                heldout_rows=self.heldout_rows)
 
   def set_state(self, state: dict) -> None:
     """Continues exactly after the batch at which `state` was taken; refuses other data or seed."""
@@ -65,18 +71,30 @@ class TrainIterator:
       )
     if state["seed"] != self.seed:
       raise ValueError(f"iterator state has seed {state['seed']}, DataConfig.seed is {self.seed}")
+    if state.get("heldout_rows", 0) != self.heldout_rows:
+      raise ValueError(
+          f"iterator state held out {state.get('heldout_rows', 0)} rows per source, this run holds out {self.heldout_rows} "
+          "(EvalConfig.heldout_rows, or 0 when EvalConfig.every_steps is 0): resuming would change the data order"
+      )
     self.step = int(state["step"])
     self._consumed = np.array([state["consumed"][name] for name in self.dataset.names], np.int64)
 
   def _rows(self, source: np.ndarray, ordinal: np.ndarray) -> np.ndarray:
     """Row index within each source: the ordinal-th row of the source's epoch order."""
-    size = self.dataset.rows[source]
-    epoch, index = np.divmod(ordinal, size)
+    size = self.dataset.rows - self.heldout_rows  # [sources]
+    epoch, index = np.divmod(ordinal, size[source])
     rows = np.empty_like(ordinal)
     for s, e in {(int(s), int(e)) for s, e in zip(source, epoch)}:
       at = (source == s) & (epoch == e)
-      rows[at] = sampler.permute(index[at], int(self.dataset.rows[s]), seed=self.seed, source=s, epoch=e)
+      rows[at] = sampler.permute(index[at], int(size[s]), seed=self.seed, source=s, epoch=e)
     return rows
+
+
+def heldout_index(dataset: shards.PreparedDataset, per_source: int) -> tuple[np.ndarray, np.ndarray]:
+  """(source, row) of the rows TrainIterator(heldout_rows=per_source) never reads: each source's last ones."""
+  source = np.repeat(np.arange(len(dataset.names)), per_source)
+  row = np.concatenate([np.arange(n - per_source, n) for n in dataset.rows])
+  return source, row
 
 
 def document_ids(input_ids: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -118,6 +136,7 @@ def make_train_iterator(config: TrainConfig, *, process_index: int, process_coun
       eos_id=tokenizer.eos_id,
       segment_ids=data.segment_ids,
       positions=data.positions,
+      heldout_rows=config.eval.heldout_rows if config.eval.every_steps else 0,
   )
 
 

@@ -1,0 +1,48 @@
+"""Single-query cache attention (attention/decode.py) against the reference at the same query position."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mpt_jax.alibi import alibi_slopes
+from mpt_jax.attention import decode, reference
+
+TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("per_row", [False, True], ids=lambda p: f"per_row={p}")
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matches_the_reference_at_the_query_position(seed, per_row, dtype):
+  batch, cache_length, heads, head_dim = 3, 37, 5, 16
+  k_q, k_k, k_v, k_pos = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(k_q, (batch, 1, heads, head_dim)).astype(dtype)
+  k = jax.random.normal(k_k, (batch, cache_length, heads, head_dim)).astype(dtype)
+  v = jax.random.normal(k_v, (batch, cache_length, heads, head_dim)).astype(dtype)
+  position = jax.random.randint(k_pos, (batch,) if per_row else (), 0, cache_length)
+  slopes = alibi_slopes(heads, 8.0, "mpt")
+  ours = decode.attention(q, k, v, slopes=slopes, q_offset=position, scale=0.3)
+  assert ours.shape == q.shape and ours.dtype == q.dtype
+  rows = np.broadcast_to(np.asarray(position), (batch,))
+  for b in range(batch):
+    expected = reference.attention(q[b : b + 1].astype(jnp.float32), k[b : b + 1].astype(jnp.float32),
+                                   v[b : b + 1].astype(jnp.float32), slopes=slopes, scale=0.3, q_offset=int(rows[b]),
+                                   precision=jax.lax.Precision.HIGHEST)
+    np.testing.assert_allclose(np.asarray(ours[b : b + 1], np.float32), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+def test_keys_after_the_query_are_ignored():
+  k_q, k_k, k_v = jax.random.split(jax.random.key(2), 3)
+  q = jax.random.normal(k_q, (2, 1, 4, 8))
+  k, v = jax.random.normal(k_k, (2, 11, 4, 8)), jax.random.normal(k_v, (2, 11, 4, 8))
+  position = jnp.array([3, 7])
+  stale = k.at[0, 4:].set(100.0).at[1, 8:].set(-100.0), v.at[0, 4:].set(9.0).at[1, 8:].set(9.0)
+  slopes = alibi_slopes(4)
+  np.testing.assert_array_equal(decode.attention(q, *stale, slopes=slopes, q_offset=position),
+                                decode.attention(q, k, v, slopes=slopes, q_offset=position))
+
+
+def test_shapes_are_checked():
+  with pytest.raises(ValueError, match=r"expected q \[B, 1, N, H\]"):
+    decode.attention(jnp.zeros((2, 3, 4, 8)), jnp.zeros((2, 9, 4, 8)), jnp.zeros((2, 9, 4, 8)), slopes=alibi_slopes(4), q_offset=0)
