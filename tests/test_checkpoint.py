@@ -235,6 +235,40 @@ def test_checkpoint_saved_on_8_devices_restores_on_fewer(tmp_path, n_devices):
     np.testing.assert_array_equal(_host(after), _host(before))
 
 
+def test_a_run_checkpointed_on_8_devices_continues_on_2_with_the_losses_it_would_have_had(tmp_path):
+  """The 8-GPU -> 2-GPU rehearsal on 8 virtual CPU devices: train on 8, checkpoint at step 3,
+  restore that checkpoint on a 2-device mesh and train on; steps 4-6 give the 8-device run's
+  losses (float32, so only reduction order differs) and the data position carries over."""
+  config = _train_config(tmp_path, steps=6)
+  batches = [rows for _, rows in zip(range(6), _batches(config))]
+
+  def train_steps(devices, state, steps):
+    mesh, setup = _setup(config, devices)
+    with jax.set_mesh(mesh):
+      state = setup.init() if state is None else state
+      losses = []
+      for step in steps:
+        state, step_metrics = setup.train_step(state, sharding.global_batch(batches[step - 1], mesh))
+        losses.append(float(step_metrics["loss"]))
+    return state, losses
+
+  state, losses_8 = train_steps(jax.devices(), None, range(1, 4))
+  saver = checkpoint.TrainCheckpointer(tmp_path / "ckpt", config)
+  saver.save(3, state, {"batches_read": 3})
+  saver.wait_until_finished()
+  _, later_8 = train_steps(jax.devices(), state, range(4, 7))
+
+  two = jax.devices()[:2]
+  mesh, setup = _setup(config, two)
+  restored = checkpoint.TrainCheckpointer(tmp_path / "ckpt", config).restore_latest(
+      sharding.with_shardings(setup.abstract_state, setup.state_shardings))
+  assert (restored.step, restored.data) == (3, {"batches_read": 3})
+  assert all(x.sharding.device_set == set(two) for x in jax.tree.leaves(restored.state.params))
+  _, later_2 = train_steps(two, restored.state, range(4, 7))
+  assert losses_8[-1] != later_8[0]  # the run trains, so equal losses are not trivially equal
+  np.testing.assert_allclose(later_2, later_8, rtol=1e-5)
+
+
 def _host(x):
   return np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
 

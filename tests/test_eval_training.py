@@ -98,7 +98,7 @@ def test_eval_needs_the_prepared_data_iterator(tmp_path):
 
 
 def test_metrics_writer_tags_eval_metrics_as_their_own(tmp_path, monkeypatch):
-  writer = metrics.MetricsWriter(tmp_path)
+  writer = metrics.MetricsWriter(tmp_path, resumed_step=None)
   tags = []
   monkeypatch.setattr(writer._tensorboard, "add_scalar", lambda tag, value, step: tags.append((tag, value, step)))
   writer.write(4, {"loss": 2.5, "eval/loss": 2.75})
