@@ -1,6 +1,6 @@
 """The ablation table of benchmarks/train_step.py: each feature of the real step, swapped out.
 
-Every entry of ``VARIANTS`` names one feature of ``mpt_jax.trainer``'s step and how the
+Every entry of ``VARIANTS`` names one feature of ``mpt_jax.train_step``'s step and how the
 variant differs: either a config change (what a user can set) or a patch that replaces
 one library function with its plain alternative, applied inside the child process that
 measures the variant and nowhere else. The difference to the unchanged step, measured in
@@ -21,14 +21,14 @@ def _no_guard():
   """The update is applied even when the loss or gradient norm is NaN/inf."""
   import optax
 
-  from mpt_jax import trainer
+  from mpt_jax import train_step
 
   def unguarded(optimizer, grads, params, opt_state, *, finite):
     del finite
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
-  trainer.guarded_update = unguarded
+  train_step.guarded_update = unguarded
 
 
 def _cond_guard():
@@ -36,7 +36,7 @@ def _cond_guard():
   import jax
   import optax
 
-  from mpt_jax import trainer
+  from mpt_jax import train_step
 
   def cond_guarded(optimizer, grads, params, opt_state, *, finite):
     def update(operands):
@@ -46,27 +46,27 @@ def _cond_guard():
 
     return jax.lax.cond(finite, update, lambda unchanged: unchanged, (params, opt_state))
 
-  trainer.guarded_update = cond_guarded
+  train_step.guarded_update = cond_guarded
 
 
 def _no_clipping():
-  from mpt_jax import trainer
+  from mpt_jax import train_step
 
-  trainer.clip_by_global_norm = lambda grads, grad_norm, max_norm: grads
+  train_step.clip_by_global_norm = lambda grads, grad_norm, max_norm: grads
 
 
 def _constant_token_count():
   """Weights mask / (B * (T - 1)) instead of mask / (tokens predicted): no reduction over the mask."""
   import jax.numpy as jnp
 
-  from mpt_jax import loss, trainer
+  from mpt_jax import loss, train_step
 
   def with_targets(batch):
     targets, mask = loss.next_token_targets(batch["input_ids"], batch.get("segment_ids"))
     b, t = mask.shape
     return {**batch, "targets": targets, "weights": mask.astype(jnp.float32) / (b * (t - 1))}
 
-  trainer._with_targets = with_targets
+  train_step._with_targets = with_targets
 
 
 def _autodiff_norms_and_gelu(rematerialized: bool):
@@ -78,8 +78,8 @@ def _autodiff_norms_and_gelu(rematerialized: bool):
 
     from mpt_jax import ops
 
-    def layer_norm(x, scale, eps, dtype, impl):
-      del impl
+    def layer_norm(x, scale, eps, dtype, impl, batch_axes=()):
+      del impl, batch_axes
       x32 = x.astype(jnp.float32)
       mean = jnp.mean(x32, axis=-1, keepdims=True)
       var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
@@ -89,7 +89,7 @@ def _autodiff_norms_and_gelu(rematerialized: bool):
       return jax.nn.gelu(x, approximate=False)
 
     if rematerialized:
-      layer_norm = jax.checkpoint(layer_norm, static_argnums=(2, 3, 4))
+      layer_norm = jax.checkpoint(layer_norm, static_argnums=(2, 3, 4, 5))
       gelu = jax.checkpoint(gelu)
     ops.layer_norm, ops.exact_gelu = layer_norm, gelu
 
@@ -101,7 +101,7 @@ def _materialized_logits():
   import jax.numpy as jnp
   from flax import nnx
 
-  from mpt_jax import loss, trainer
+  from mpt_jax import loss, train_step
 
   def objective(params, graphdef, batch, z_loss):
     logits = nnx.merge(graphdef, params)(batch["input_ids"], batch.get("segment_ids"))
@@ -109,7 +109,7 @@ def _materialized_logits():
     weights = batch["weights"]
     return jnp.sum(weights * (ce + z_loss * jnp.square(lse))), jnp.sum(weights * ce)
 
-  trainer._objective = objective
+  train_step._objective = objective
 
 
 VARIANTS = {

@@ -3,7 +3,7 @@
   python benchmarks/attention.py           # check ours against the reference, then time
   python benchmarks/attention.py --sweep   # also time candidate BlockSizes, kernel by kernel
 
-Shape and FLOP count follow ../shared/docs/ANCHORS.md: bf16, B=8, T=2048, N=16, H=128,
+Shape and FLOP count of the project's attention baselines: bf16, B=8, T=2048, N=16, H=128,
 causal; forward 4*B*N*T^2*H/2 FLOPs, forward+backward 3.5x that. Packed rows are counted
 at the same FLOPs, so their TF/s compare times. Each time is the median over samples of a
 few back-to-back calls on rotating inputs, after warm-up, ended by block_until_ready.

@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from mpt_jax.config import MPTConfig  # noqa: E402
 from mpt_jax.convert import tensor_groups  # noqa: E402
+from mpt_jax.hf_config import to_hf_dict  # noqa: E402
 
 
 def write_random_checkpoint(folder: pathlib.Path, config: MPTConfig, seed: int) -> int:
@@ -35,7 +36,7 @@ def write_random_checkpoint(folder: pathlib.Path, config: MPTConfig, seed: int) 
   tensors = [t for _, group in tensor_groups(config, "mosaic_gpt") for t in group]
   state = {t.torch_key: torch.empty(t.torch_shape).normal_(0.0, 0.02, generator=generator) for t in tensors}
   folder.mkdir(parents=True)
-  (folder / "config.json").write_text(json.dumps(config.to_hf_dict("mosaic_gpt"), indent=2))
+  (folder / "config.json").write_text(json.dumps(to_hf_dict(config, "mosaic_gpt"), indent=2))
   torch.save(state, folder / "pytorch_model.bin")
   return (folder / "pytorch_model.bin").stat().st_size
 

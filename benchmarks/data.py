@@ -101,7 +101,7 @@ def main(args: Args) -> None:
       print(f"prepare, {workers} worker(s): {result['tokens']:,} tokens in {result['seconds']:.1f} s "
             f"= {result['tokens_per_s_per_core']:,.0f} tokens/s per core")
     data = dataclasses.replace(data, prepared_dir=str(root / f"prepared-{args.workers[0]}"))
-    for outputs in ({}, dict(segment_ids=True, positions=True)):
+    for outputs in ({}, dict(segment_ids=True)):
       result = bench_iterator(args, data, **outputs)
       print(f"iterator {result['outputs']}: batch {args.global_batch_size} x {args.seq_len}, "
             f"median {result['median_step_s'] * 1e3:.1f} ms/step = {result['tokens_per_s'] / 1e6:.1f}M tokens/s")

@@ -69,7 +69,7 @@ def _our_model(config):
   import jax
   import jax.numpy as jnp
 
-  from mpt_jax.checkpoint import abstract_params, model_from_params
+  from mpt_jax.model_folder import abstract_params, model_from_params
 
   abstract = abstract_params(config)
   keys = iter(jax.random.split(jax.random.key(0), len(jax.tree.leaves(abstract))))
@@ -149,9 +149,9 @@ def _write(report: dict) -> None:
     return
   path = pathlib.Path(os.environ["OUT"]) / "generate.json"
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text(json.dumps(report, indent=2))
-  tmp.rename(path)
+  from mpt_jax.atomic import write_atomically
+
+  write_atomically(path, json.dumps(report, indent=2))
 
 
 def main(args: Args) -> dict:
@@ -160,7 +160,7 @@ def main(args: Args) -> dict:
   import torch
   import transformers
 
-  from mpt_jax.checkpoint import abstract_params
+  from mpt_jax.model_folder import abstract_params
   from mpt_jax.generate import Generator
 
   ours_config, hf_config = _configs(args.tiny)

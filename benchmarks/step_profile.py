@@ -63,7 +63,7 @@ def _hlo_instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
   return table
 
 
-# Buckets by the jax.named_scope a kernel's HLO came from (mpt_jax.trainer, mpt_jax.ops).
+# Buckets by the jax.named_scope a kernel's HLO came from (mpt_jax.train_step, mpt_jax.ops).
 SCOPES = (("optimizer", "optimizer update"), ("loss", "loss (head softmax, cross-entropy)"),
           ("layer_norm", "LayerNorm"), ("gelu", "GELU"))
 

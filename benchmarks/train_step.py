@@ -10,7 +10,7 @@
 Each configuration runs in its own process, so an out-of-memory or a crash becomes one row
 of the table and the peak memory is that configuration's own; with ``--parallel N`` up to N
 of them compile at once while a lock lets one at a time use the GPU for its timed steps.
-Synthetic tokens; our step is ``mpt_jax.trainer``'s (float32 master weights, bf16 compute,
+Synthetic tokens; our step is ``mpt_jax.train_step``'s (float32 master weights, bf16 compute,
 decoupled AdamW, clipping, NaN guard, fused head + loss), the plain one is
 benchmarks/plain_step.py. tokens/s from the median step time after warm-up, each step ended
 by block_until_ready; MFU per GPU as llm-foundry counts it (9.0766e9 FLOPs/token at 2048,
@@ -103,7 +103,7 @@ def _train_config(args: Args, configuration: dict):
 
 
 def _our_step(args: Args, configuration: dict):
-  """The real step of mpt_jax.trainer: (advance(carry) -> (carry, loss), carry, model config, n_params, HLO)."""
+  """The real step of mpt_jax.train_step: (advance(carry) -> (carry, loss), carry, model config, n_params, HLO)."""
   import jax
 
   from mpt_jax import sharding, trainer
@@ -286,9 +286,9 @@ def _write(rows: list[dict], args: Args) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   report = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(), args=dataclasses.asdict(args), rows=rows,
                 variants={name: v.what for name, v in ablations.VARIANTS.items()})
-  tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text(json.dumps(report, indent=2))
-  tmp.rename(path)
+  from mpt_jax.atomic import write_atomically
+
+  write_atomically(path, json.dumps(report, indent=2))
 
 
 def main(args: Args) -> None:

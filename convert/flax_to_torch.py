@@ -15,7 +15,8 @@ import tyro
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from mpt_jax.checkpoint import load_params, refuse_existing  # noqa: E402
+from mpt_jax.atomic import refuse_existing  # noqa: E402
+from mpt_jax.checkpoint import load_params  # noqa: E402
 from mpt_jax.convert import cli, write_pytorch  # noqa: E402
 
 

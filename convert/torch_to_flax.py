@@ -14,7 +14,8 @@ import tyro
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from mpt_jax.checkpoint import refuse_existing, save_params  # noqa: E402
+from mpt_jax.atomic import refuse_existing  # noqa: E402
+from mpt_jax.model_folder import save_params  # noqa: E402
 from mpt_jax.convert import cli, read_pytorch  # noqa: E402
 
 

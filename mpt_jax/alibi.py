@@ -3,7 +3,7 @@
 Slopes are per-head constants; the bias a query at position i gives a key at position j
 is ``slope * (j - i)`` (<= 0 under the causal mask). MosaicGPT v0.0.4 stores the
 key-only form ``slope * (j - (S - 1))``, which differs from ours by a per-row constant
-that softmax cancels (reference-mpt-1b.md §2.4); the relative form is the one that stays
+that softmax cancels (docs/model.md, ALiBi); the relative form is the one that stays
 right for packed documents and cached decoding, so every implementation here uses it.
 """
 
@@ -23,7 +23,7 @@ def alibi_slopes(n_heads: int, alibi_bias_max: float = 8.0, rule: SlopeRule = "m
     rule: "mosaic_gpt" is examples v0.0.4 (the released 1B): ``m_h = h * max / n`` for
       h = 1..n, whatever n is. "mpt" is llm-foundry / transformers: slopes for the next
       power of two n', then ``concat(s[1::2], s[::2])[:n]``. Both agree when n is a
-      power of two (reference-mpt-1b.md §2.4).
+      power of two (docs/model.md, ALiBi).
   """
   if n_heads < 1:
     raise ValueError(f"alibi_slopes needs n_heads >= 1, got {n_heads=}")

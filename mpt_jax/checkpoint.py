@@ -1,122 +1,47 @@
-"""Checkpoints on disk: model folders (config.json + orbax parameters) and training checkpoints.
+"""Training checkpoints: a run's train state, data position and TrainConfig, and reading them back.
 
-``save_model`` / ``load_model`` are the Flax format that convert/torch_to_flax.py writes and
-that training (to start fine-tuning) and generation restore. The folder holds
+``TrainCheckpointer`` keeps them under WORKDIR/checkpoints, each checkpoint with checksums of
+its files (mpt_jax.integrity); a restore takes the newest checkpoint that is intact and
+refuses one written with a config this run may not change (mpt_jax.resume).
 
-  config.json   MPTConfig.to_hf_dict (mosaic_gpt schema, or mpt for the mpt ALiBi slope rule)
-                plus "mpt_jax": the run-time fields the parameters were stored with
-  params/       orbax PyTree of ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``
+``load_model`` / ``load_params`` read either a model folder (mpt_jax.model_folder: what the
+converters write) or, given a training workdir, the parameters of its newest intact
+checkpoint: what generation, evaluation and export take.
 
-Restoring goes straight into an abstract model (nnx.eval_shape), as in flax's
-examples/nnx_toy_examples/08_save_load_checkpoints.py, so nothing is allocated twice.
-
-``TrainCheckpointer`` keeps a run's train state, data position and TrainConfig
-(WORKDIR/checkpoints), each checkpoint with checksums of its files (mpt_jax.integrity); a
-restore takes the newest checkpoint that is intact. ``load_model`` / ``load_params`` read a
-model folder or, given a training workdir, the parameters of its newest intact checkpoint.
+One idea, near 300 lines: a run's checkpoints on disk, written and read back intact.
 """
 
 import collections
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import pathlib
-import shutil
 import time
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
 from jax.experimental import multihost_utils
 
 from mpt_jax import integrity, resume
 from mpt_jax.config import MPTConfig, TrainConfig, dtype_name
-from mpt_jax.model import MPTForCausalLM, stack_layers, unstack_layers
-from mpt_jax.sharding import with_shardings
+from mpt_jax.model import MPTForCausalLM
+from mpt_jax.model_folder import (
+    CONFIG_FILE,
+    PARAMS_DIR,
+    CheckpointError,
+    abstract_params,
+    model_from_params,
+    read_config,
+    read_model,
+    read_params,
+    relayout_blocks,
+)
 
-CONFIG_FILE = "config.json"
-PARAMS_DIR = "params"
 CHECKPOINT_DIR = "checkpoints"  # a training workdir's checkpoints
-# Fields that say how the stored tree looks (not part of the PyTorch config schema).
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "attn_impl", "norm_impl", "scan_layers", "scan_unroll", "remat")
-
-
-class CheckpointError(ValueError):
-  """A model folder or training checkpoint that cannot be used; the message names it and the problem."""
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[pathlib.Path]:
-  """Yields a temporary sibling of ``path`` to fill; renames it to ``path`` only on success.
-
-  A crash or error leaves nothing at ``path`` (and removes the temporary folder).
-  """
-  path = pathlib.Path(path)
-  refuse_existing(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  tmp.mkdir()
-  try:
-    yield tmp
-    tmp.rename(path)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
-def refuse_existing(path: str | os.PathLike) -> None:
-  """An output folder must be new: nothing a user has is overwritten."""
-  if pathlib.Path(path).exists():
-    raise FileExistsError(f"{path} already exists; remove it or choose another output path")
-
-
-def write_config(config: MPTConfig, folder: pathlib.Path) -> None:
-  """config.json in the schema that keeps the ALiBi slope rule, plus the run-time fields."""
-  d = config.to_hf_dict(config.alibi_slope_rule)
-  d["mpt_jax"] = {name: getattr(config, name) for name in _RUNTIME_FIELDS}
-  (folder / CONFIG_FILE).write_text(json.dumps(d, indent=2) + "\n")
-
-
-def read_config(folder: str | os.PathLike) -> MPTConfig:
-  """The MPTConfig a save_model folder was written with."""
-  file = pathlib.Path(folder) / CONFIG_FILE
-  if not file.is_file():
-    raise FileNotFoundError(f"{file} not found: is {folder} a folder written by save_model?")
-  d = json.loads(file.read_text())
-  return MPTConfig.from_hf_dict(d, **d.get("mpt_jax", {}))
-
-
-def save_params(params: dict[str, Any], config: MPTConfig, path: str | os.PathLike) -> None:
-  """Writes a pure parameter dict (numpy or jax arrays, laid out per config.scan_layers).
-
-  Saved as host numpy arrays, synchronously, so orbax's defensive copy of each array is
-  skipped (the 1.3B model would otherwise need twice its size), and uncompressed: float
-  weights shrink by only a few percent under zstd, for seconds of CPU per GB.
-  """
-  no_copy = ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)
-  handler = ocp.PyTreeCheckpointHandler(
-      use_compression=False, type_handler_registry=ocp.type_handlers.create_type_handler_registry((np.ndarray, no_copy))
-  )
-  with atomic_directory(path) as tmp:
-    write_config(config, tmp)
-    with ocp.Checkpointer(handler) as checkpointer:
-      checkpointer.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(jax.tree.map(np.asarray, params)))
-
-
-def save_model(model: MPTForCausalLM, path: str | os.PathLike) -> None:
-  """Writes ``model``'s config and parameters to the folder ``path`` (which must not exist)."""
-  save_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.config, path)
-
-
-def abstract_params(config: MPTConfig) -> dict[str, Any]:
-  """The parameter tree of ``config`` as ShapeDtypeStructs; nothing allocated."""
-  # jax.eval_shape, not nnx.eval_shape: the latter shards by the logical names under an active mesh.
-  return jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(MPTForCausalLM(config, rngs=nnx.Rngs(0)), nnx.Param)))
 
 
 def load_params(path: str | os.PathLike) -> tuple[MPTConfig, dict[str, Any]]:
@@ -126,20 +51,15 @@ def load_params(path: str | os.PathLike) -> tuple[MPTConfig, dict[str, Any]]:
   """
   if _is_workdir(path):
     return _workdir_params(pathlib.Path(path) / CHECKPOINT_DIR)
-  config = read_config(path)
-  target = abstract_params(config)
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-  with _reading(path), ocp.PyTreeCheckpointer() as checkpointer:
-    params = checkpointer.restore(pathlib.Path(path).absolute() / PARAMS_DIR, item=target, restore_args=restore_args)
-  return config, params
+  return read_params(path)
 
 
 def load_model(path: str | os.PathLike, **config_overrides) -> MPTForCausalLM:
   """The model saved at ``path``, restored into an abstract model.
 
   Args:
-    path: a folder written by save_model (or convert/torch_to_flax.py), or a training workdir
-      (WORKDIR of train.py: the parameters of its newest intact checkpoint).
+    path: a folder written by model_folder.save_model (or convert/torch_to_flax.py), or a
+      training workdir (WORKDIR of train.py: the parameters of its newest intact checkpoint).
     **config_overrides: MPTConfig fields to change, e.g. dtype="float32" (or jnp.float32),
       attn_impl="xla", scan_layers=False (the stored layer layout is converted), param_dtype
       (cast on restore).
@@ -147,22 +67,13 @@ def load_model(path: str | os.PathLike, **config_overrides) -> MPTForCausalLM:
   for name in ("dtype", "param_dtype"):
     if name in config_overrides:
       config_overrides[name] = dtype_name(config_overrides[name])
-  if _is_workdir(path):
-    saved, params = load_params(path)
-    config = dataclasses.replace(saved, **config_overrides)
-    if saved.scan_layers != config.scan_layers:
-      params["blocks"] = _relayout_blocks(params["blocks"], config)
-    return model_from_params(config, jax.tree.map(lambda x: jnp.asarray(x, config.param_dtype), params))
-  saved = read_config(path)
+  if not _is_workdir(path):
+    return read_model(path, dataclasses.replace(read_config(path), **config_overrides))
+  saved, params = load_params(path)
   config = dataclasses.replace(saved, **config_overrides)
-  stored = dataclasses.replace(config, scan_layers=saved.scan_layers)  # the saved layout; orbax casts the dtype
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_params(stored))
-  with _reading(path), ocp.StandardCheckpointer() as checkpointer:
-    params = checkpointer.restore(pathlib.Path(path).absolute() / PARAMS_DIR, target)
-  if stored.scan_layers != config.scan_layers:
-    params["blocks"] = _relayout_blocks(params["blocks"], config)
-  return model_from_params(config, params)
+  if saved.scan_layers != config.scan_layers:
+    params["blocks"] = relayout_blocks(params["blocks"], config)
+  return model_from_params(config, jax.tree.map(lambda x: jnp.asarray(x, config.param_dtype), params))
 
 
 def _is_workdir(path: str | os.PathLike) -> bool:
@@ -177,49 +88,6 @@ def _is_workdir(path: str | os.PathLike) -> bool:
       f"convert/torch_to_flax.py) nor a training workdir ({CHECKPOINT_DIR}/, written by train.py)"
   )
 
-
-@contextlib.contextmanager
-def _reading(path):
-  """Turns orbax / tensorstore failures on damaged files into one CheckpointError naming ``path``."""
-  try:
-    yield
-  except Exception as e:
-    raise CheckpointError(f"{path}: parameters cannot be read, truncated or damaged? ({integrity.describe_failure(e)})") from e
-
-
-def _relayout_blocks(blocks: dict[str, Any], config: MPTConfig) -> dict[str, Any]:
-  """Block parameters from the other layer layout into ``config.scan_layers``'s (host numpy)."""
-  if config.scan_layers:
-    return stack_layers(list(blocks.values()))
-  return dict(enumerate(unstack_layers(blocks, config.n_layers)))
-
-
-def restore_params(path: str | os.PathLike, config: MPTConfig, shardings: dict[str, Any]) -> dict[str, Any]:
-  """The parameters of the model folder ``path``, placed straight into ``shardings`` (a pure dict).
-
-  Starts fine-tuning from converted weights: the folder's architecture must be ``config``'s.
-  """
-  saved = read_config(path)
-  differ = [k for k in dataclasses.asdict(config) if k not in _RUNTIME_FIELDS and getattr(saved, k) != getattr(config, k)]
-  if differ:
-    raise ValueError(f"{path} holds a different model: " + ", ".join(f"{k}={getattr(saved, k)!r} (run: {getattr(config, k)!r})" for k in differ))
-  if saved.scan_layers != config.scan_layers:  # change the layer layout on the host, then place
-    _, params = load_params(path)
-    params["blocks"] = _relayout_blocks(params["blocks"], config)
-    return jax.device_put(jax.tree.map(lambda x: x.astype(config.param_dtype), params), shardings)
-  stored = abstract_params(dataclasses.replace(config, scan_layers=saved.scan_layers))
-  with _reading(path), ocp.StandardCheckpointer() as checkpointer:
-    return checkpointer.restore(pathlib.Path(path).absolute() / PARAMS_DIR, with_shardings(stored, shardings))
-
-
-def model_from_params(config: MPTConfig, params: dict[str, Any]) -> MPTForCausalLM:
-  """An MPTForCausalLM holding ``params`` (a pure dict laid out per config.scan_layers)."""
-  graphdef, state = jax.eval_shape(lambda: nnx.split(MPTForCausalLM(config, rngs=nnx.Rngs(0))))
-  nnx.replace_by_pure_dict(state, params)
-  return nnx.merge(graphdef, state)
-
-
-# ---------------------------------------------------------------- training checkpoints
 
 CONFIG_ITEM = "config"  # each checkpoint's item holding the TrainConfig that wrote it
 

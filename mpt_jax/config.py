@@ -1,10 +1,12 @@
-"""Model configuration: MPTConfig mirrors the MosaicGPT config keys (reference-mpt-1b.md §1).
+"""Configuration dataclasses: MPTConfig (the model) and the training run's sections.
 
-The fields up to ``emb_init_uniform_lim`` have the meaning and default of the released
-MPT-1b-RedPajama-200b config.json; the last group says how to run the model here (dtypes,
-attention implementation, scan, remat) and has no counterpart in the PyTorch config.
-``from_hf_dict`` / ``to_hf_dict`` translate both Hugging Face schemas: ``mosaic_gpt`` (the
-released 1B) and the later llm-foundry / transformers ``mpt`` schema (§4.1).
+MPTConfig mirrors the keys of the released MPT-1b-RedPajama-200b config.json (docs/model.md,
+"Configuration"): the fields up to ``emb_init_uniform_lim`` have that file's meaning and
+default; the last group, ``RUNTIME_FIELDS``, says how to run the model here (dtypes, attention
+implementation, scan, remat) and has no counterpart in the PyTorch config. Reading and
+writing config.json (both Hugging Face schemas) is mpt_jax.hf_config's job.
+
+One idea, past 300 lines: the validated configuration values, one dataclass per section.
 """
 
 import dataclasses
@@ -13,6 +15,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+# The two MPT config.json schemas (mpt_jax.hf_config) and PyTorch key layouts (mpt_jax.convert);
+# each implies an ALiBi slope rule for head counts that are not a power of two.
 Layout = Literal["mosaic_gpt", "mpt"]
 
 INIT_FNS = ("kaiming_normal_", "normal_")
@@ -35,7 +39,7 @@ class MPTConfig:
   vocab_size: int = 50432  # embedding rows; the GPT-NeoX tokenizer uses 50277 of them
   alibi: bool = True  # ALiBi position bias; the only position scheme implemented
   alibi_bias_max: float = 8.0  # slopes are 2^(-alibi_bias_max * h / n_heads)
-  alibi_slope_rule: Literal["mosaic_gpt", "mpt"] = "mosaic_gpt"  # differ only for n_heads not a power of two
+  alibi_slope_rule: Layout = "mosaic_gpt"  # differ only for n_heads not a power of two
   attn_qk_ln: bool = True  # LayerNorm on q and k over the full d_model, before the head split
   attn_clip_qkv: float | None = None  # clamp the fused qkv projection to [-c, c]
   softmax_scale: float | None = None  # None: 1/sqrt(head_dim)
@@ -53,7 +57,7 @@ class MPTConfig:
   emb_init_std: float | None = None  # embedding std; None: the weight init
   emb_init_uniform_lim: float | None = None  # embedding ~ U(-lim, lim) when set
 
-  # How to run it (not part of the PyTorch config).
+  # How to run it (not part of the PyTorch config): RUNTIME_FIELDS below.
   dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # compute dtype
   param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # stored parameters
   attn_impl: Literal["auto", "xla", "pallas", "cudnn"] = "auto"  # see mpt_jax.attention
@@ -110,164 +114,21 @@ class MPTConfig:
 
   @property
   def residual_init_divisor(self) -> float:
-    """What residual-branch output projections' init std is divided by (§5.3)."""
+    """What residual-branch output projections' init std is divided by (docs/model.md, "Initialization")."""
     if self.init_div_is_residual is True:
       return math.sqrt(2 * self.n_layers)
     if self.init_div_is_residual is False:
       return 1.0
     return float(self.init_div_is_residual)
 
-  # ---------------------------------------------------------------- HF config.json
 
-  @classmethod
-  def from_hf_dict(cls, d: dict[str, Any], **overrides) -> "MPTConfig":
-    """Reads a Hugging Face config.json dict of either schema.
-
-    Keys that would change the function in a way this implementation does not support
-    (dropout, prefix-LM, learned positions, ...) raise ValueError; bookkeeping keys
-    (architectures, auto_map, torch_dtype, ...) are ignored. ``overrides`` set the
-    run-time fields (dtype, attn_impl, scan_layers, ...).
-    """
-    layout = hf_layout(d)
-    if layout == "mosaic_gpt":
-      attn, init = d, d
-      fields = dict(
-          mlp_ratio=d.get("mlp_ratio", 4),
-          alibi=d.get("alibi", False),
-          alibi_bias_max=d.get("alibi_bias_max", 8),
-          attn_qk_ln=d.get("attn_qk_ln", False),
-          attn_clip_qkv=d.get("attn_clip_qkv"),
-          softmax_scale=d.get("softmax_scale"),
-          low_precision_layernorm=d.get("low_precision_layernorm", True),
-      )
-      _reject(d, "prefix_lm", "attn_pdrop")
-    else:
-      attn, init = d.get("attn_config", {}), d.get("init_config", {})
-      norm_type = d.get("norm_type", "low_precision_layernorm")
-      if norm_type not in ("low_precision_layernorm", "layernorm"):
-        raise ValueError(f"config.json norm_type={norm_type!r} is not supported; expected 'low_precision_layernorm' or 'layernorm'")
-      if attn.get("attn_type", "multihead_attention") != "multihead_attention":
-        raise ValueError(f"config.json attn_config.attn_type={attn['attn_type']!r} is not supported; expected 'multihead_attention'")
-      if d.get("learned_pos_emb") and not attn.get("alibi", False):
-        raise ValueError("config.json learned_pos_emb=true without alibi is not supported")
-      fields = dict(
-          mlp_ratio=d.get("expansion_ratio", 4),
-          alibi=attn.get("alibi", False),
-          alibi_bias_max=attn.get("alibi_bias_max", 8),
-          attn_qk_ln=attn.get("qk_ln", False),
-          attn_clip_qkv=attn.get("clip_qkv"),
-          softmax_scale=attn.get("softmax_scale"),
-          low_precision_layernorm=norm_type == "low_precision_layernorm",
-      )
-      _reject(attn, "prefix_lm", "attn_pdrop", "qk_gn")
-      if "layer_norm_epsilon" in d:
-        fields["layer_norm_eps"] = d["layer_norm_epsilon"]
-    _reject(d, "resid_pdrop", "emb_pdrop")
-    if d.get("tie_word_embeddings", True) is False:
-      raise ValueError("config.json tie_word_embeddings=false is not supported: MPT ties the output head to wte")
-    for key in ("d_model", "n_heads", "n_layers", "max_seq_len", "vocab_size"):
-      if key not in d:
-        raise ValueError(f"config.json has no {key!r}; is it an MPT / MosaicGPT config?")
-      fields[key] = d[key]
-    fields.update(
-        alibi_slope_rule=layout,
-        no_bias=d.get("no_bias", False),
-        logit_scale=d.get("logit_scale"),
-        embedding_fraction=d.get("embedding_fraction", 1.0),
-        param_init_fn=init.get("param_init_fn", init.get("name", "kaiming_normal_")),
-        init_nonlinearity=init.get("init_nonlinearity", "relu"),
-        init_gain=init.get("init_gain", 0.0),
-        fan_mode=init.get("fan_mode", "fan_in"),
-        init_div_is_residual=init.get("init_div_is_residual", True),
-        # llm-foundry's default init_config has init_std: null (it matters only to the normal_ init).
-        init_std=0.02 if init.get("init_std") is None else init["init_std"],
-        emb_init_std=init.get("emb_init_std"),
-        emb_init_uniform_lim=init.get("emb_init_uniform_lim"),
-    )
-    return cls(**fields, **overrides)
-
-  def to_hf_dict(self, layout: Layout = "mosaic_gpt") -> dict[str, Any]:
-    """A config.json dict in the given schema; from_hf_dict reads it back to this config."""
-    if self.alibi_slope_rule != layout and self.n_heads & (self.n_heads - 1):
-      raise ValueError(
-          f"alibi_slope_rule={self.alibi_slope_rule!r} with n_heads={self.n_heads} (not a power of two) "
-          f"has no {layout!r} config.json: that schema implies the {layout!r} slope rule"
-      )
-    init = dict(
-        init_nonlinearity=self.init_nonlinearity,
-        init_gain=self.init_gain,
-        fan_mode=self.fan_mode,
-        init_div_is_residual=self.init_div_is_residual,
-        init_std=self.init_std,
-        emb_init_std=self.emb_init_std,
-        emb_init_uniform_lim=self.emb_init_uniform_lim,
-    )
-    common = dict(
-        d_model=self.d_model,
-        n_heads=self.n_heads,
-        n_layers=self.n_layers,
-        max_seq_len=self.max_seq_len,
-        vocab_size=self.vocab_size,
-        no_bias=self.no_bias,
-        logit_scale=self.logit_scale,
-        embedding_fraction=self.embedding_fraction,
-        resid_pdrop=0.0,
-        emb_pdrop=0.0,
-        torch_dtype=self.param_dtype,
-    )
-    if layout == "mosaic_gpt":
-      return dict(
-          architectures=["MosaicGPT"],
-          model_type="mosaic_gpt",
-          **common,
-          mlp_ratio=self.mlp_ratio,
-          attn_impl="torch",
-          attn_pdrop=0.0,
-          attn_qk_ln=self.attn_qk_ln,
-          attn_clip_qkv=self.attn_clip_qkv,
-          softmax_scale=self.softmax_scale,
-          prefix_lm=False,
-          attn_uses_sequence_id=False,
-          alibi=self.alibi,
-          alibi_bias_max=self.alibi_bias_max,
-          low_precision_layernorm=self.low_precision_layernorm,
-          param_init_fn=self.param_init_fn,
-          **init,
-      )
-    if layout == "mpt":
-      return dict(
-          architectures=["MPTForCausalLM"],
-          model_type="mpt",
-          **common,
-          expansion_ratio=self.mlp_ratio,
-          layer_norm_epsilon=self.layer_norm_eps,
-          learned_pos_emb=False,
-          norm_type="low_precision_layernorm" if self.low_precision_layernorm else "layernorm",
-          attn_config=dict(
-              attn_type="multihead_attention",
-              attn_impl="torch",
-              attn_pdrop=0,  # transformers' MptAttentionConfig types attn_pdrop and alibi_bias_max as int
-              qk_ln=self.attn_qk_ln,
-              clip_qkv=self.attn_clip_qkv,
-              softmax_scale=self.softmax_scale,
-              prefix_lm=False,
-              attn_uses_sequence_id=False,
-              alibi=self.alibi,
-              alibi_bias_max=int(self.alibi_bias_max) if float(self.alibi_bias_max).is_integer() else self.alibi_bias_max,
-          ),
-          init_config=dict(name=self.param_init_fn, **init),
-      )
-    raise ValueError(f"unknown layout {layout!r}; expected 'mosaic_gpt' or 'mpt'")
-
-
-def hf_layout(d: dict[str, Any]) -> Layout:
-  """Which schema a config.json dict is written in."""
-  model_type = d.get("model_type")
-  if model_type in ("mosaic_gpt", "mpt"):
-    return model_type
-  if model_type is None:
-    return "mpt" if "attn_config" in d else "mosaic_gpt"
-  raise ValueError(f"config.json model_type={model_type!r} is not an MPT; expected 'mosaic_gpt' or 'mpt'")
+# MPTConfig's run-time fields: how the model runs here, not what function it computes. They are
+# not part of the PyTorch config.json schema (model folders store them beside it), and a model
+# folder or checkpoint whose architecture fields (all the others) differ holds another model.
+RUNTIME_FIELDS = ("dtype", "param_dtype", "attn_impl", "norm_impl", "scan_layers", "scan_unroll", "remat")
+# Of those, the ones that decide how stored parameters are laid out (dtype, stacked or per layer):
+# a training run cannot change them on resume (mpt_jax.resume).
+STORED_LAYOUT_FIELDS = ("param_dtype", "scan_layers")
 
 
 def _require_positive(config, *names, optional=False):
@@ -294,13 +155,6 @@ def dtype_name(dtype: Any) -> str:
   if name not in DTYPES:
     raise ValueError(f"dtype must be one of {DTYPES} or the NumPy/JAX dtype, got {dtype!r}")
   return name
-
-
-def _reject(d, *keys):
-  """Dropout, prefix-LM and per-head QK norm would change the function: refuse them."""
-  for key in keys:
-    if d.get(key):
-      raise ValueError(f"config.json {key}={d[key]!r} is not supported by mpt-jax (must be 0/false)")
 
 
 # ------------------------------------------------------------------------ training run
@@ -353,7 +207,7 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-  """Optimizer and LR schedule (mpt_jax.optim); defaults are the public MPT-1B recipe (§5.2)."""
+  """Optimizer and LR schedule (mpt_jax.optim); defaults are the public MPT-1B recipe (docs/training.md)."""
 
   name: Literal["decoupled_adamw", "decoupled_lionw"] = "decoupled_adamw"
   lr: float = 2.0e-4  # peak learning rate
@@ -388,7 +242,6 @@ class DataConfig:
   prepared_dir: str = "~/.cache/mpt_jax/data"  # pre-tokenized packed shards (python -m mpt_jax.data.prepare)
   seed: int = 17  # shuffling / mixture sampling seed
   segment_ids: bool = False  # also emit segment_ids (document number within the row, from 1) for document masking
-  positions: bool = False  # also emit positions (token index within its document)
 
   def __post_init__(self):
     _check(self, "mixture", lambda v: isinstance(v, str) and v, "a Task or Mixture name")
@@ -405,7 +258,7 @@ class CheckpointConfig:
   keep_last: int = 3  # newest checkpoints kept
   keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this; 0: none
   async_save: bool = True  # write in the background while training continues
-  init_from: str = ""  # a model folder (convert/torch_to_flax.py, checkpoint.save_model) to fine-tune from
+  init_from: str = ""  # a model folder (convert/torch_to_flax.py, model_folder.save_model) to fine-tune from
   max_consecutive_nonfinite: int = 10  # stop with an error after this many non-finite steps in a row; 0: never
   allow_config_changes: bool = False  # resume although steps, LR schedule or optimizer settings changed (mpt_jax/resume.py); logged
 

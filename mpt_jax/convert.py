@@ -1,11 +1,14 @@
 """PyTorch MPT checkpoints <-> our Flax parameters, bit-exact, one tensor group at a time.
 
-Two PyTorch layouts (reference-mpt-1b.md §3, §4): ``mosaic_gpt`` (the released
+Two PyTorch layouts (docs/model.md, "Checkpoint keys"): ``mosaic_gpt`` (the released
 mpt-1b-redpajama-200b: ln_1, mlp.mlp_up, ln_f, ...) and ``mpt`` (llm-foundry and
 transformers' MptForCausalLM: norm_1, ffn.up_proj, norm_f, tied lm_head). The only place
 that knows PyTorch key names is ``tensor_groups``; everything else follows the nanoGPT
 ``from_pretrained`` habit: an explicit list of transposed tensors, a shape check per key,
 and key sets compared in both directions before any data is read.
+
+One idea, past 300 lines: moving tensors between the PyTorch and Flax layouts (the
+key map, reading both file formats, writing safetensors / pytorch_model.bin).
 
 Memory: a source file is opened (mmap / safe_open) per tensor group and closed after it, and
 the exported safetensors file is written tensor by tensor, so the peak stays near one copy
@@ -20,7 +23,7 @@ import os
 import pathlib
 import sys
 import warnings
-from typing import Any, Callable, Iterator, Literal, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,12 +35,12 @@ from jax.typing import DTypeLike
 from safetensors import safe_open
 from tqdm import tqdm
 
-from mpt_jax.checkpoint import abstract_params, atomic_directory, model_from_params
+from mpt_jax.atomic import atomic_directory
 from mpt_jax.cli import run
-from mpt_jax.config import MPTConfig, dtype_name, hf_layout
+from mpt_jax.config import Layout, MPTConfig, dtype_name
+from mpt_jax.hf_config import from_hf_dict, hf_layout, to_hf_dict
 from mpt_jax.model import MPTForCausalLM
-
-Layout = Literal["mosaic_gpt", "mpt"]
+from mpt_jax.model_folder import abstract_params, model_from_params
 TIED_HEAD = "lm_head.weight"  # transformers' MptForCausalLM: the same tensor as transformer.wte.weight
 # PyTorch Linear weights are [out, in]; our kernels are [in, ...] ([D, 3, N, H], [N, H, D], [D, F], [F, D]).
 TRANSPOSED = ("qkv_proj", "out_proj", "up_proj", "down_proj")
@@ -152,7 +155,7 @@ def read_pytorch(path: str | os.PathLike, dtype: DTypeLike | None = None, *, sca
   try:
     hf = _read_json(files.config_file)
     layout = hf_layout(hf)
-    config = MPTConfig.from_hf_dict(hf, scan_layers=scan_layers)
+    config = from_hf_dict(hf, scan_layers=scan_layers)
   except ValueError as e:
     raise ConversionError(f"{files.config_file}: {e}") from e
   groups = tensor_groups(config, layout)
@@ -253,7 +256,7 @@ def write_pytorch(
         "has no q_ln/k_ln and would silently drop them; use layout='mosaic_gpt'"
     )
   try:
-    hf = config.to_hf_dict(layout)
+    hf = to_hf_dict(config, layout)
   except ValueError as e:
     raise ConversionError(str(e)) from e
   groups = tensor_groups(config, layout)

@@ -17,12 +17,12 @@ import dataclasses
 import datetime
 import json
 import math
-import os
 import pathlib
 import time
 from typing import Literal
 
 from mpt_jax import checkpoint
+from mpt_jax.atomic import write_atomically
 from mpt_jax.eval import icl, perplexity
 from mpt_jax.generate import check_vocabulary
 
@@ -31,7 +31,7 @@ from mpt_jax.generate import check_vocabulary
 class Args:
   """Evaluate a model folder on ICL tasks and perplexity."""
 
-  model: str  # a model folder (convert/torch_to_flax.py, checkpoint.save_model) or a training workdir
+  model: str  # a model folder (convert/torch_to_flax.py, model_folder.save_model) or a training workdir
   tokenizer: str  # tokenizer.json the model was trained with (GPT-NeoX-20B for MPT-1B)
   tasks: tuple[str, ...]  # standard task names, JSONL files or seqio:NAME[:SPLIT] (see the module docstring)
   data_dir: str = ""  # folder holding the standard tasks' JSONL files
@@ -144,13 +144,9 @@ def _table(results: dict[str, dict]) -> str:
 
 def _write_json(args: Args, results: dict[str, dict]) -> None:
   """Written to a temp file and renamed: a crash leaves no half-written results."""
-  path = pathlib.Path(args.output)
-  path.parent.mkdir(parents=True, exist_ok=True)
   report = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(), model=args.model, tokenizer=args.tokenizer,
                 seed=args.seed, tasks=results)
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  tmp.write_text(json.dumps(report, indent=2) + "\n")
-  os.replace(tmp, path)
+  write_atomically(args.output, json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

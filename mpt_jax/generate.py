@@ -13,6 +13,8 @@ per-layer slices of stacked weights.
   python -m mpt_jax.generate --model checkpoints/mpt-1b --tokenizer gpt-neox-20b/tokenizer.json \\
       --prompt "The capital of France is" --max-new-tokens 32 --temperature 0.8 --top-p 0.95
   python -m mpt_jax.generate --model checkpoints/mpt-1b --tokenizer ... --prompt-file prompts.txt
+
+One idea, past 300 lines: sampling, the compiled loop and the thin CLI that feeds it prompts.
 """
 
 import dataclasses
@@ -28,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mpt_jax import checkpoint
+from mpt_jax import checkpoint, model_folder
 from mpt_jax.model import KVCache, MPTForCausalLM
 
 CACHE_ROUNDING = 64  # cache lengths are rounded up to a multiple of this: fewer distinct compilations
@@ -193,7 +195,7 @@ def _decoding_model(model: MPTForCausalLM) -> MPTForCausalLM:
   cast = lambda x: x.astype(config.dtype) if x.ndim > 1 else x
   if model.config.scan_layers:
     params["blocks"] = {i: jax.tree.map(lambda x, i=i: cast(x[i]), params["blocks"]) for i in range(config.n_layers)}
-  return checkpoint.model_from_params(config, jax.tree.map(cast, params))
+  return model_folder.model_from_params(config, jax.tree.map(cast, params))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -243,7 +245,7 @@ def _decode_loop(static: _Static, cache_length: int, state, tokens, lengths, rng
 class Args:
   """Sample continuations of prompts from a model folder."""
 
-  model: str  # a model folder (convert/torch_to_flax.py, checkpoint.save_model) or a training workdir
+  model: str  # a model folder (convert/torch_to_flax.py, model_folder.save_model) or a training workdir
   tokenizer: str  # tokenizer.json whose ids the model was trained on (GPT-NeoX-20B for MPT-1B)
   prompt: tuple[str, ...] = ()  # prompts; several are decoded as one batch
   prompt_file: str = ""  # a text file of prompts, one per line (added after --prompt)

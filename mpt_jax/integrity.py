@@ -17,6 +17,7 @@ import os
 import pathlib
 import sys
 
+from mpt_jax.atomic import write_atomically
 MANIFEST = "checksums.json"
 _CHUNK = 16 << 20
 
@@ -26,9 +27,7 @@ def write(directory: str | os.PathLike) -> None:
   directory = pathlib.Path(directory)
   files = _files(directory)
   manifest = dict(zip(files, _digests(directory, files)))
-  tmp = directory / f".{MANIFEST}.tmp"
-  tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-  tmp.rename(directory / MANIFEST)
+  write_atomically(directory / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 
 def exists(directory: str | os.PathLike) -> bool:

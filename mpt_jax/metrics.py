@@ -1,6 +1,6 @@
 """What a training run reports: MFU, and the writers for TensorBoard, metrics.jsonl and the loss PNG.
 
-MFU follows llm-foundry (reference-mpt-1b.md §7): 6 FLOPs per parameter per token (forward
+MFU follows llm-foundry (docs/training.md, "The run"): 6 FLOPs per parameter per token (forward
 plus backward, embedding included) plus full-square attention, 12 * n_layers * d_model *
 seq_len per token; 9.0766e9 for MPT-1B at 2048. Only process 0 writes files.
 
@@ -15,6 +15,7 @@ import pathlib
 import shutil
 import time
 
+from mpt_jax.atomic import atomic_file, write_atomically
 # Dense bf16 peak per device (Composer's speed_monitor.py). H200 is the H100 die with more memory.
 PEAK_FLOPS = {"H100": 989.5e12, "H200": 989.5e12, "A100": 312e12}
 
@@ -103,9 +104,7 @@ def _keep_steps_up_to(metrics_file: pathlib.Path, step: int) -> None:
     return
   lines = metrics_file.read_bytes().split(b"\n")[:-1]  # the last element: "" or the half-written line
   kept = [line for line in lines if json.loads(line)["step"] <= step]
-  tmp = metrics_file.with_name(f".{metrics_file.name}.tmp")
-  tmp.write_bytes(b"".join(line + b"\n" for line in kept))
-  tmp.rename(metrics_file)
+  write_atomically(metrics_file, b"".join(line + b"\n" for line in kept))
 
 
 def plot_loss(metrics_file: pathlib.Path, path: pathlib.Path) -> None:
@@ -132,7 +131,6 @@ def plot_loss(metrics_file: pathlib.Path, path: pathlib.Path) -> None:
   ax.legend()
   ax.set(xlabel="step", ylabel="loss (nats/token)", title="training loss")
   ax.grid(alpha=0.3)
-  tmp = path.with_name(f".{path.name}.tmp")
-  fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+  with atomic_file(path) as tmp:
+    fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
   plt.close(fig)
-  tmp.rename(path)

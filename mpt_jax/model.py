@@ -1,15 +1,18 @@
-"""The MPT / MosaicGPT decoder in Flax NNX, exactly as reference-mpt-1b.md §2 describes it.
+"""The MPT / MosaicGPT decoder in Flax NNX, exactly as docs/model.md describes it.
 
 Parts before the whole: LayerNorm, Attention, MLP, Block, MPTForCausalLM. Parameters are
 float32 by default and cast to the compute dtype where they are used; LayerNorm statistics,
 softmax, logits and the loss stay in float32. Every parameter carries logical axis names
-(``out_sharding`` metadata) that mpt_jax.sharding maps to mesh axes.
+(``out_sharding`` metadata) that mpt_jax.sharding maps to mesh axes; the per-device kernels
+(attention, LayerNorm) are told which mesh axes split the batch and the heads, from the same
+rules (``_KERNEL_AXES``).
+
+One idea, past 300 lines: the model's module tree, parts before the whole.
 
 Dimension letters: B batch, T positions, N heads, H head dim, D d_model, F MLP hidden,
 V vocab, C the three fused projections (q, k, v), L layers.
 """
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -18,10 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mpt_jax import ops
+from mpt_jax import ops, sharding
 from mpt_jax.alibi import alibi_slopes
-from mpt_jax.attention import decode, dot_product_attention, reference
+from mpt_jax.attention import MeshAxes, dot_product_attention
 from mpt_jax.config import MPTConfig
+
+# How mpt_jax.sharding splits activations, for kernels that run per device under jax.shard_map.
+_KERNEL_AXES = MeshAxes(batch=sharding.BATCH_AXES, heads=sharding.LOGICAL_RULES["heads"])
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -35,7 +41,7 @@ def _param(init_fn, rngs: nnx.Rngs, shape, dtype, axes) -> nnx.Param:
 
 
 def _weight_init(config: MPTConfig, fan_in: int, fan_out: int, *, residual: bool = False):
-  """PyTorch's init for a Linear weight of shape [fan_out, fan_in] (§5.3)."""
+  """PyTorch's init for a Linear weight of shape [fan_out, fan_in] (docs/model.md, "Initialization")."""
   if config.param_init_fn == "normal_":
     std = config.init_std
   else:  # kaiming_normal_, torch.nn.init.calculate_gain semantics
@@ -61,7 +67,7 @@ def _embedding_init(config: MPTConfig):
 
 
 class LayerNorm(nnx.Module):
-  """LayerNorm with a scale and no bias (``no_bias`` strips LayerNorm biases too, §2.6).
+  """LayerNorm with a scale and no bias (``no_bias`` strips LayerNorm biases too: docs/model.md).
 
   Statistics in float32; the output is cast to ``dtype`` (LPLayerNorm's bf16 output).
   ``impl`` picks mpt_jax.ops.layer_norm's implementation (Pallas kernels on GPUs).
@@ -72,7 +78,7 @@ class LayerNorm(nnx.Module):
     self.scale = _param(jax.nn.initializers.ones, rngs, (dim,), param_dtype, ("norm",))
 
   def __call__(self, x):
-    return ops.layer_norm(x, self.scale[...], self.eps, self.dtype, self.impl)
+    return ops.layer_norm(x, self.scale[...], self.eps, self.dtype, self.impl, _KERNEL_AXES.batch)
 
 
 def _layer_norm(config: MPTConfig, *, rngs: nnx.Rngs, dtype=None) -> LayerNorm:
@@ -82,7 +88,7 @@ def _layer_norm(config: MPTConfig, *, rngs: nnx.Rngs, dtype=None) -> LayerNorm:
 
 
 class Attention(nnx.Module):
-  """Fused-QKV multi-head attention with QK LayerNorm and ALiBi (§2.3)."""
+  """Fused-QKV multi-head attention with QK LayerNorm and ALiBi (docs/model.md, "Attention")."""
 
   def __init__(self, config: MPTConfig, *, rngs: nnx.Rngs):
     self.config = config
@@ -102,7 +108,7 @@ class Attention(nnx.Module):
     With ``cache`` (k, v [B, S, N, H]: this layer's keys and values so far) the new keys and
     values are written at ``position`` (a scalar, or int [B]: one per row) and the queries,
     there too, attend to the whole cache (causal masking hides its unwritten tail); the
-    updated cache is returned. Cached keys are stored after QK-LN, as MosaicGPT's cache does (§2.8).
+    updated cache is returned. Cached keys are stored after QK-LN, as MosaicGPT's cache does.
     """
     c = self.config
     qkv = jnp.einsum("BTD,DCNH->BTCNH", x, self.qkv_proj[...].astype(c.dtype))
@@ -114,14 +120,10 @@ class Attention(nnx.Module):
       q = self.q_ln(q.reshape(*q.shape[:2], -1)).reshape(q.shape)
       k = self.k_ln(k.reshape(*k.shape[:2], -1)).reshape(k.shape)
     slopes = alibi_slopes(c.n_heads, c.alibi_bias_max, c.alibi_slope_rule)
-    if cache is None:
-      out = dot_product_attention(
-          q, k, v, slopes=slopes, segment_ids=segment_ids, causal=True, scale=c.softmax_scale, impl=c.attn_impl
-      )
-    else:  # a few queries against a long cache: plain XLA (flash kernels gain nothing here)
-      cache = tuple(_write_cache(old, new, position) for old, new in zip(cache, (k, v)))
-      attend = decode.attention if x.shape[1] == 1 else functools.partial(reference.attention, causal=True)
-      out = attend(q, *cache, slopes=slopes, scale=c.softmax_scale, q_offset=position)
+    if cache is not None:  # the queries attend to the whole cache, at their positions
+      cache = k, v = tuple(_write_cache(old, new, position) for old, new in zip(cache, (k, v)))
+    out = dot_product_attention(q, k, v, slopes=slopes, segment_ids=segment_ids, causal=True, scale=c.softmax_scale,
+                                impl=c.attn_impl, q_offset=position, axes=_KERNEL_AXES)
     return jnp.einsum("BTNH,NHD->BTD", out, self.out_proj[...].astype(c.dtype)), cache
 
 
@@ -135,7 +137,7 @@ def _write_cache(cache, new, position):
 
 
 class MLP(nnx.Module):
-  """up -> exact (erf) GELU -> down, no biases (§2.5)."""
+  """up -> exact (erf) GELU -> down, no biases."""
 
   def __init__(self, config: MPTConfig, *, rngs: nnx.Rngs):
     self.dtype = config.dtype
@@ -152,7 +154,7 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-LN transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x)) (§2.2)."""
+  """Pre-LN transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x))."""
 
   def __init__(self, config: MPTConfig, *, rngs: nnx.Rngs):
     self.ln_1 = _layer_norm(config, rngs=rngs)
@@ -290,6 +292,14 @@ class MPTForCausalLM(nnx.Module):
       return x, None
     restack = jnp.stack if isinstance(cache.k, jax.Array) else tuple  # keep the layout the cache came in
     return x, KVCache(*(restack(kv) for kv in zip(*layer_caches)))
+
+
+def abstract_model(config: MPTConfig) -> tuple[nnx.GraphDef, nnx.State]:
+  """(graphdef, state) of an MPTForCausalLM for ``config``, the state's leaves ShapeDtypeStructs: nothing allocated.
+
+  jax.eval_shape, not nnx.eval_shape: the latter shards by the logical names under an active mesh.
+  """
+  return jax.eval_shape(lambda: nnx.split(MPTForCausalLM(config, rngs=nnx.Rngs(0))))
 
 
 def stack_layers(layers: list[dict]) -> dict:

@@ -19,15 +19,16 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from mpt_jax import pallas_layer_norm, sharding
+from mpt_jax import pallas_layer_norm
+from mpt_jax.attention import MeshAxes, axes_dividing
 from mpt_jax.config import NORM_IMPLS
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def layer_norm(x, scale, eps: float, dtype, impl: str = "auto"):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def layer_norm(x, scale, eps: float, dtype, impl: str = "auto", batch_axes: tuple[str, ...] = MeshAxes().batch):
   """LayerNorm over the last axis with a scale and no bias; statistics in float32.
 
   Args:
@@ -37,18 +38,20 @@ def layer_norm(x, scale, eps: float, dtype, impl: str = "auto"):
     dtype: output dtype (the compute dtype for MPT's low-precision LayerNorm).
     impl: "xla"; "pallas" (mpt_jax.pallas_layer_norm; interpreted without a GPU); "auto":
       pallas on GPUs for the widths it takes, xla otherwise.
+    batch_axes: under a mesh, the mesh axes that together split x's leading (batch) axis;
+      the kernels run per device on those rows (the model passes mpt_jax.sharding's).
 
   Returns:
     [..., D] in ``dtype``.
   """
-  return _layer_norm_fwd(x, scale, eps, dtype, impl)[0]
+  return _layer_norm_fwd(x, scale, eps, dtype, impl, batch_axes)[0]
 
 
 @jax.named_scope("layer_norm")
-def _layer_norm_fwd(x, scale, eps, dtype, impl):
-  if _kernels(x, impl):
+def _layer_norm_fwd(x, scale, eps, dtype, impl, batch_axes):
+  if _kernels(x, impl, batch_axes):
     forward = functools.partial(pallas_layer_norm.forward, eps=eps, dtype=dtype, interpret=_interpret())
-    y, mean, rstd = _per_device(forward, x, scale, outputs=(x.ndim, x.ndim - 1, x.ndim - 1))
+    y, mean, rstd = _per_device(forward, x, scale, batch_axes=batch_axes, outputs=(x.ndim, x.ndim - 1, x.ndim - 1))
     return y, (x, scale, mean[..., None], rstd[..., None])
   x32 = x.astype(jnp.float32)
   mean = jnp.mean(x32, axis=-1, keepdims=True)  # [..., 1]
@@ -58,15 +61,15 @@ def _layer_norm_fwd(x, scale, eps, dtype, impl):
 
 
 @jax.named_scope("layer_norm")
-def _layer_norm_bwd(eps, dtype, impl, residuals, dy):
+def _layer_norm_bwd(eps, dtype, impl, batch_axes, residuals, dy):
   """dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)) with g = dy * scale; dscale = sum(dy * x_hat)."""
   del eps, dtype
   x, scale, mean, rstd = residuals
-  if _kernels(x, impl):
+  if _kernels(x, impl, batch_axes):
     def backward(x, scale, mean, rstd, dy):
       return pallas_layer_norm.backward(x, scale, mean[..., 0], rstd[..., 0], dy, interpret=_interpret())
 
-    return _per_device(backward, x, scale, mean, rstd, dy, outputs=(x.ndim, None))
+    return _per_device(backward, x, scale, mean, rstd, dy, batch_axes=batch_axes, outputs=(x.ndim, None))
   x_hat = (x.astype(jnp.float32) - mean) * rstd
   dy32 = dy.astype(jnp.float32)
   g = dy32 * scale.astype(jnp.float32)
@@ -75,14 +78,14 @@ def _layer_norm_bwd(eps, dtype, impl, residuals, dy):
   return dx.astype(x.dtype), dscale.astype(scale.dtype)
 
 
-def _kernels(x, impl: str) -> bool:
+def _kernels(x, impl: str, batch_axes: tuple[str, ...]) -> bool:
   """Whether this LayerNorm runs the Pallas kernels (see layer_norm's ``impl``)."""
   if impl not in NORM_IMPLS:
     raise ValueError(f"unknown LayerNorm impl {impl!r}; expected one of {NORM_IMPLS}")
   if impl == "xla" or (impl == "auto" and jax.default_backend() != "gpu"):
     return False
   mesh = jax.sharding.get_abstract_mesh()
-  shards = 1 if mesh.empty else math.prod(mesh.shape[a] for a in sharding.batch_axes_dividing(mesh, x.shape[0]))
+  shards = 1 if mesh.empty else math.prod(mesh.shape[a] for a in axes_dividing(mesh, batch_axes, x.shape[0]))
   supported = pallas_layer_norm.supports(x.shape[-1], math.prod(x.shape[:-1]) // shards)
   if impl == "pallas" and not supported:
     raise ValueError(f"LayerNorm impl='pallas' needs a power-of-two width in [16, {pallas_layer_norm.MAX_WIDTH}] and "
@@ -94,9 +97,9 @@ def _interpret() -> bool:
   return jax.default_backend() != "gpu"
 
 
-def _per_device(kernel, x, scale, *per_row, outputs: tuple[int | None, ...]):
+def _per_device(kernel, x, scale, *per_row, batch_axes: tuple[str, ...], outputs: tuple[int | None, ...]):
   """``kernel(x, scale, *per_row)`` on each device's rows under a mesh (a pallas_call is opaque to
-  the partitioner), split as the batch is.
+  the partitioner), split as the batch is (over ``batch_axes``).
 
   x and ``per_row`` arrays have the batch as leading axis, scale is whole. ``outputs`` gives
   each output's rank when it is per row, or None for a [D] output summed over all rows.
@@ -104,7 +107,7 @@ def _per_device(kernel, x, scale, *per_row, outputs: tuple[int | None, ...]):
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return kernel(x, scale, *per_row)
-  axes = sharding.batch_axes_dividing(mesh, x.shape[0]) or None
+  axes = axes_dividing(mesh, batch_axes, x.shape[0]) or None
   rows = lambda ndim: PartitionSpec(axes, *(None,) * (ndim - 1))  # noqa: E731
 
   def local(*args):

@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule with MosaicML Composer's semantics (reference-mpt-1b.md §5.2).
+"""Optimizer and learning-rate schedule with MosaicML Composer's semantics (docs/training.md).
 
 Composer's decoupled optimizers shrink the weights by ``(lr_t / lr_peak) * weight_decay``
 (not ``lr_t * weight_decay`` as optax.adamw does), so the decay follows the schedule's shape

@@ -15,12 +15,14 @@ import json
 import logging
 from typing import Any, Literal
 
-from mpt_jax.config import TrainConfig
+from mpt_jax.config import RUNTIME_FIELDS, STORED_LAYOUT_FIELDS, TrainConfig
 
-# How the run executes, not what it computes: change freely.
+# How the run executes, not what it computes: change freely. The model's run-time fields are
+# free except those that decide the stored parameters' layout (mpt_jax.config.RUNTIME_FIELDS).
 FREE = (
     "workdir", "mesh.*", "micro_batch_size", "log_every", "peak_flops", "sample_tokens",
-    "model.dtype", "model.attn_impl", "model.norm_impl", "model.scan_unroll", "model.remat", "data.prepared_dir",
+    *(f"model.{name}" for name in RUNTIME_FIELDS if name not in STORED_LAYOUT_FIELDS), "data.prepared_dir",
+    "data.positions",  # a field older runs recorded (it produced an array nothing read); gone since
     "checkpoint.every_steps", "checkpoint.keep_last", "checkpoint.keep_every", "checkpoint.async_save",
     "checkpoint.max_consecutive_nonfinite", "checkpoint.allow_config_changes",
 )
@@ -28,7 +30,7 @@ FREE = (
 # refused unless CheckpointConfig.allow_config_changes, then logged.
 ALLOWED = (
     "steps", "z_loss", "optim.lr", "optim.betas", "optim.eps", "optim.weight_decay", "optim.warmup_steps",
-    "optim.alpha_f", "optim.grad_clip_norm", "data.segment_ids", "data.positions",
+    "optim.alpha_f", "optim.grad_clip_norm", "data.segment_ids",
 )
 
 

@@ -74,16 +74,6 @@ def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
   return int(np.prod([mesh.shape[axis] for axis in BATCH_AXES]))
 
 
-def batch_axes_dividing(mesh, batch: int) -> tuple[str, ...]:
-  """The mesh's data-parallel axes when together they split ``batch`` evenly, else () (rows stay whole).
-
-  For code that runs per device under jax.shard_map (Pallas kernels), which must cut
-  activations the way the partitioner does.
-  """
-  axes = tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names)
-  return axes if batch % int(np.prod([mesh.shape[axis] for axis in axes])) == 0 else ()
-
-
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
   """Rows over (data, fsdp), everything else whole: [B, T] token arrays."""
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *(None,) * (ndim - 1)))

@@ -36,7 +36,7 @@ def convert_random_mpt(tmp_path_factory):
       import torch
       import transformers
 
-      from mpt_jax import checkpoint, convert
+      from mpt_jax import convert, model_folder
 
       torch.manual_seed(vocab_size)
       hf_config = transformers.MptConfig(
@@ -49,7 +49,7 @@ def convert_random_mpt(tmp_path_factory):
           p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.3 * torch.randn_like(p))
       tmp = tmp_path_factory.mktemp(f"mpt_vocab{vocab_size}")
       hf.save_pretrained(tmp / "torch")
-      checkpoint.save_model(convert.load_pytorch(tmp / "torch", config_overrides={"dtype": "float32"}), tmp / "flax")
+      model_folder.save_model(convert.load_pytorch(tmp / "torch", config_overrides={"dtype": "float32"}), tmp / "flax")
       made[vocab_size] = hf, tmp / "flax"
     return made[vocab_size]
 

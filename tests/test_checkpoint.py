@@ -22,7 +22,7 @@ import pytest
 from flax import nnx
 
 import train
-from mpt_jax import MPTForCausalLM, checkpoint, integrity, sharding, trainer
+from mpt_jax import MPTForCausalLM, checkpoint, integrity, model_folder, sharding, trainer
 from mpt_jax.config import CheckpointConfig, MeshConfig, MPTConfig, OptimConfig, TrainConfig
 from mpt_jax.lock import WorkdirLock, WorkdirLocked
 
@@ -429,7 +429,7 @@ def test_a_second_run_on_a_workdir_in_use_refuses_naming_the_first(tmp_path, cap
 @pytest.mark.parametrize("scan_layers", [True, False], ids=lambda s: f"saved_scan={s}")
 def test_a_run_starts_from_converted_weights_and_resumes_without_reloading_them(tmp_path, scan_layers, caplog):
   source = MPTForCausalLM(dataclasses.replace(TINY, scan_layers=scan_layers), rngs=nnx.Rngs(5))
-  checkpoint.save_model(source, tmp_path / "converted")
+  model_folder.save_model(source, tmp_path / "converted")
   config = _train_config(tmp_path / "run", checkpoint=CheckpointConfig(init_from=str(tmp_path / "converted")))
   mesh, setup = _setup(config, jax.devices())
   saver = checkpoint.TrainCheckpointer(tmp_path / "ckpt", config)

@@ -13,8 +13,9 @@ import configs
 from mpt_jax import MPTConfig, MPTForCausalLM
 from mpt_jax import resume
 from mpt_jax.config import CheckpointConfig, DataConfig, MeshConfig, OptimConfig, TrainConfig, dtype_name
+from mpt_jax.hf_config import from_hf_dict, to_hf_dict
 
-# config.json of mosaicml/mpt-1b-redpajama-200b (reference-mpt-1b.md §1).
+# config.json of mosaicml/mpt-1b-redpajama-200b (docs/model.md).
 MPT_1B_CONFIG_JSON = {
     "architectures": ["MosaicGPT"], "model_type": "mosaic_gpt",
     "auto_map": {"AutoConfig": "configuration_mosaic_gpt.MosaicGPTConfig", "AutoModelForCausalLM": "mosaic_gpt.MosaicGPT"},
@@ -41,7 +42,7 @@ def test_published_preset_has_exactly_the_released_parameter_count():
 def test_published_preset_is_the_released_config_json():
   """The architecture exactly; of the run-time fields the preset sets only the layer unroll (speed)."""
   model = configs.get_config("mpt_1b_redpajama_200b").model
-  assert model == MPTConfig.from_hf_dict(MPT_1B_CONFIG_JSON, scan_unroll=model.n_layers)
+  assert model == from_hf_dict(MPT_1B_CONFIG_JSON, scan_unroll=model.n_layers)
 
 
 def test_published_run_is_200b_tokens_at_2200_x_2048():
@@ -56,13 +57,13 @@ def test_hf_dict_round_trip(layout, n_heads):
   config = MPTConfig(d_model=48, n_heads=n_heads, n_layers=3, mlp_ratio=2, max_seq_len=64, vocab_size=100,
                      alibi_slope_rule=layout, attn_clip_qkv=6.0, logit_scale="inv_sqrt_d_model",
                      low_precision_layernorm=False, init_div_is_residual=2.5, emb_init_std=0.1)
-  d = config.to_hf_dict(layout)
+  d = to_hf_dict(config, layout)
   assert d["model_type"] == layout
-  assert MPTConfig.from_hf_dict(d) == config
+  assert from_hf_dict(d) == config
 
 
 def test_mpt_schema_nests_attention_and_init():
-  d = MPTConfig().to_hf_dict("mpt")
+  d = to_hf_dict(MPTConfig(), "mpt")
   assert d["expansion_ratio"] == 4 and "mlp_ratio" not in d
   assert d["attn_config"]["qk_ln"] is True and d["attn_config"]["alibi"] is True
   assert d["init_config"]["name"] == "kaiming_normal_"
@@ -72,11 +73,11 @@ def test_mpt_schema_nests_attention_and_init():
 def test_export_refuses_a_slope_rule_the_schema_cannot_express():
   config = MPTConfig(d_model=48, n_heads=6, n_layers=1, vocab_size=64, alibi_slope_rule="mosaic_gpt")
   with pytest.raises(ValueError, match="alibi_slope_rule"):
-    config.to_hf_dict("mpt")
+    to_hf_dict(config, "mpt")
 
 
 def test_run_time_fields_come_from_overrides():
-  config = MPTConfig.from_hf_dict(MPT_1B_CONFIG_JSON, dtype="float32", attn_impl="xla", scan_layers=False)
+  config = from_hf_dict(MPT_1B_CONFIG_JSON, dtype="float32", attn_impl="xla", scan_layers=False)
   assert (config.dtype, config.attn_impl, config.scan_layers) == ("float32", "xla", False)
 
 
@@ -102,14 +103,14 @@ def test_bad_values_raise_naming_the_field(field, value):
                                        ("model_type", "gpt2"), ("tie_word_embeddings", False)])
 def test_unsupported_config_json_values_raise_naming_the_key(key, value):
   with pytest.raises(ValueError, match=key):
-    MPTConfig.from_hf_dict({**MPT_1B_CONFIG_JSON, key: value})
+    from_hf_dict({**MPT_1B_CONFIG_JSON, key: value})
 
 
 def test_config_json_missing_a_size_raises():
   d = dict(MPT_1B_CONFIG_JSON)
   del d["n_layers"]
   with pytest.raises(ValueError, match="n_layers"):
-    MPTConfig.from_hf_dict(d)
+    from_hf_dict(d)
 
 
 def test_dtypes_are_accepted_as_strings_and_numpy_or_jax_dtypes():

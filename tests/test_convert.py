@@ -1,6 +1,6 @@
 """Weight conversion PyTorch <-> Flax (mpt_jax.convert, mpt_jax.checkpoint save/load, convert/ CLIs).
 
-Key names are checked against independent sources: reference-mpt-1b.md §3 for the released
+Key names are checked against independent sources: docs/model.md ("Checkpoint keys") for the released
 mosaic_gpt checkpoint and transformers' MptForCausalLM state dict for the mpt layout.
 """
 
@@ -22,12 +22,15 @@ import transformers
 from flax import nnx
 
 from mpt_jax import MPTConfig, MPTForCausalLM, checkpoint, sharding, trainer
-from mpt_jax.checkpoint import atomic_directory, load_model, load_params, save_model, save_params
+from mpt_jax.atomic import atomic_directory
+from mpt_jax.checkpoint import load_model, load_params
+from mpt_jax.hf_config import from_hf_dict, to_hf_dict
+from mpt_jax.model_folder import save_model, save_params
 from mpt_jax.config import MeshConfig, TrainConfig
 from mpt_jax.convert import ConversionError, load_pytorch, read_pytorch, save_pytorch, tensor_groups, write_pytorch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# mosaic_gpt -> mpt module names (reference-mpt-1b.md §4.1), written out independently of convert.py.
+# mosaic_gpt -> mpt module names (docs/model.md, "Checkpoint keys"), written out independently of convert.py.
 MOSAIC_TO_MPT = {".ln_1.": ".norm_1.", ".ln_2.": ".norm_2.", ".mlp.mlp_up.": ".ffn.up_proj.", ".mlp.mlp_down.": ".ffn.down_proj.", "transformer.ln_f.": "transformer.norm_f."}
 
 
@@ -84,7 +87,7 @@ def load_cli(name: str):
 
 
 def test_mosaic_gpt_keys_and_shapes_are_the_released_checkpoints():
-  """reference-mpt-1b.md §3: every key and PyTorch shape of mpt-1b-redpajama-200b."""
+  """docs/model.md, "Checkpoint keys": every key and PyTorch shape of mpt-1b-redpajama-200b."""
   block = {"ln_1": [2048], "attn.Wqkv": [6144, 2048], "attn.q_ln": [2048], "attn.k_ln": [2048],
            "attn.out_proj": [2048, 2048], "ln_2": [2048], "mlp.mlp_up": [8192, 2048], "mlp.mlp_down": [2048, 8192]}
   spec = {"transformer.wte.weight": [50432, 2048], "transformer.ln_f.weight": [2048]}
@@ -103,7 +106,7 @@ def test_mosaic_gpt_keys_and_shapes_are_the_released_checkpoints():
 def test_torch_flax_torch_round_trip_is_bit_identical(tmp_path, layout, scan_layers, file_format):
   config = tiny_config(n_heads=6, qk_ln=layout == "mosaic_gpt", layout=layout)
   state = random_state(config, layout, seed=len(file_format) + scan_layers)
-  src = write_checkpoint(tmp_path / "src", config.to_hf_dict(layout), state, file_format)
+  src = write_checkpoint(tmp_path / "src", to_hf_dict(config, layout), state, file_format)
 
   if file_format == "bin":  # a weights file with config.json beside it, rather than the folder
     src = src / "pytorch_model.bin"
@@ -113,13 +116,13 @@ def test_torch_flax_torch_round_trip_is_bit_identical(tmp_path, layout, scan_lay
   write_pytorch(*load_params(tmp_path / "flax"), tmp_path / "out", layout)
 
   assert_bit_identical(state, safetensors.torch.load_file(tmp_path / "out" / "model.safetensors"))
-  assert MPTConfig.from_hf_dict(json.loads((tmp_path / "out" / "config.json").read_text()), dtype="float32", attn_impl="xla") == config
+  assert from_hf_dict(json.loads((tmp_path / "out" / "config.json").read_text()), dtype="float32", attn_impl="xla") == config
 
 
 def test_bfloat16_is_preserved_and_dtype_casts_on_request(tmp_path):
   config = tiny_config(param_dtype="bfloat16")
   state = random_state(config, "mosaic_gpt", seed=3, dtype=torch.bfloat16)
-  src = write_checkpoint(tmp_path / "src", config.to_hf_dict(), state, "bin")
+  src = write_checkpoint(tmp_path / "src", to_hf_dict(config), state, "bin")
 
   read_config, params = read_pytorch(src)
   assert read_config.param_dtype == "bfloat16" and params["wte"].dtype == jnp.bfloat16
@@ -136,7 +139,7 @@ def test_cli_round_trip(tmp_path):
   """The two scripts as a user runs them (subprocesses), through the orbax format the trainer loads."""
   config = tiny_config()
   state = random_state(config, "mosaic_gpt", seed=4)
-  src = write_checkpoint(tmp_path / "src", config.to_hf_dict(), state, "bin")
+  src = write_checkpoint(tmp_path / "src", to_hf_dict(config), state, "bin")
   for script, args in (("torch_to_flax", [src, tmp_path / "flax"]), ("flax_to_torch", [tmp_path / "flax", tmp_path / "out", "--layout", "mosaic_gpt"])):
     subprocess.run([sys.executable, ROOT / "convert" / f"{script}.py", *args], check=True, capture_output=True, cwd=tmp_path)
   assert_bit_identical(state, safetensors.torch.load_file(tmp_path / "out" / "model.safetensors"))
@@ -173,7 +176,7 @@ def random_ids(seed: int, config: MPTConfig) -> np.ndarray:
 
 @pytest.mark.parametrize(("layout", "n_heads"), [("mpt", 4), ("mpt", 6), ("mosaic_gpt", 4)], ids=str)
 def test_logits_match_transformers_after_loading(tmp_path, layout, n_heads):
-  """mpt: transformers' own save_pretrained folder. mosaic_gpt: the same weights renamed per §4.1
+  """mpt: transformers' own save_pretrained folder. mosaic_gpt: the same weights renamed per docs/model.md
   (4 heads only: for 6 the mosaic_gpt schema implies other ALiBi slopes than transformers')."""
   config = tiny_config(n_heads=n_heads, qk_ln=False, layout="mpt")
   reference = hf_reference(config, seed=n_heads)
@@ -183,7 +186,7 @@ def test_logits_match_transformers_after_loading(tmp_path, layout, n_heads):
     state = {k: v for k, v in reference.state_dict().items() if k != "lm_head.weight"}
     for mosaic, mpt in MOSAIC_TO_MPT.items():
       state = {k.replace(mpt, mosaic): v for k, v in state.items()}
-    write_checkpoint(tmp_path / "hf", config.to_hf_dict("mosaic_gpt"), state, "bin")
+    write_checkpoint(tmp_path / "hf", to_hf_dict(config, "mosaic_gpt"), state, "bin")
   ids = random_ids(n_heads, config)
   for scan_layers in (True, False):
     model = load_pytorch(tmp_path / "hf", config_overrides=dict(dtype="float32", attn_impl="xla", scan_layers=scan_layers))
@@ -263,7 +266,7 @@ def test_bad_checkpoint_fails_naming_the_problem_and_writes_nothing(tmp_path, ki
   state, hf_config = random_state(config, "mosaic_gpt", seed=5), dataclasses.asdict(config)
   if edit_state:
     edit_state(state, hf_config)
-  src = write_checkpoint(tmp_path / "src", MPTConfig(**hf_config).to_hf_dict(), state, file_format)
+  src = write_checkpoint(tmp_path / "src", to_hf_dict(MPTConfig(**hf_config)), state, file_format)
   if edit_folder:
     edit_folder(src)
   with pytest.raises(ConversionError, match=message):
@@ -272,7 +275,7 @@ def test_bad_checkpoint_fails_naming_the_problem_and_writes_nothing(tmp_path, ki
 
 
 def test_cli_exits_nonzero_with_the_message(tmp_path):
-  src = write_checkpoint(tmp_path / "src", tiny_config().to_hf_dict(), {}, "bin")
+  src = write_checkpoint(tmp_path / "src", to_hf_dict(tiny_config()), {}, "bin")
   result = subprocess.run([sys.executable, ROOT / "convert" / "torch_to_flax.py", src, tmp_path / "dst"], capture_output=True, text=True, cwd=tmp_path)
   assert result.returncode != 0
   assert "error:" in result.stderr and "missing ['transformer.blocks.0.attn.Wqkv.weight'" in result.stderr
@@ -291,7 +294,7 @@ def test_untied_lm_head_is_refused(tmp_path):
   config = tiny_config(qk_ln=False, layout="mpt")
   state = random_state(config, "mpt", seed=6)
   state["lm_head.weight"] = state["transformer.wte.weight"] + 1
-  src = write_checkpoint(tmp_path / "src", config.to_hf_dict("mpt"), state, "safetensors")
+  src = write_checkpoint(tmp_path / "src", to_hf_dict(config, "mpt"), state, "safetensors")
   with pytest.raises(ConversionError, match="lm_head.weight differs from transformer.wte.weight"):
     read_pytorch(src)
 
@@ -330,7 +333,7 @@ def test_a_damaged_model_folder_fails_in_one_line_naming_it(tmp_path):
 def test_llm_foundry_config_json_with_null_init_std_loads(tmp_path):
   """llm-foundry's pretraining YAMLs never set init_config.init_std: its config.json says null."""
   config = tiny_config(n_heads=4, qk_ln=False, layout="mpt")
-  hf = config.to_hf_dict("mpt")
+  hf = to_hf_dict(config, "mpt")
   hf["init_config"]["init_std"] = None
   state = random_state(config, "mpt", seed=9)
   model = load_pytorch(write_checkpoint(tmp_path / "src", hf, state, "safetensors"), config_overrides={"dtype": "float32"})
@@ -340,7 +343,7 @@ def test_llm_foundry_config_json_with_null_init_std_loads(tmp_path):
 def test_dtypes_may_be_numpy_or_jax_dtypes_wherever_one_is_taken(tmp_path):
   config = tiny_config()
   state = random_state(config, "mosaic_gpt", seed=10)
-  src = write_checkpoint(tmp_path / "src", config.to_hf_dict(), state, "safetensors")
+  src = write_checkpoint(tmp_path / "src", to_hf_dict(config), state, "safetensors")
   _, params = read_pytorch(src, np.float16)
   assert params["wte"].dtype == np.float16
   model = load_pytorch(src, dtype=jnp.bfloat16, config_overrides={"dtype": jnp.float32})

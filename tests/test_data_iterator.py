@@ -119,14 +119,13 @@ def test_batch_size_must_split_over_hosts(dataset):
 
 def test_document_ids_restart_after_each_eos():
   input_ids = np.array([[1, 2, 3, 0], [4, 5, 0, 6], [0, 7, 0, 0]], np.int32)
-  segment_ids, positions = document_ids(input_ids, eos_id=0)
+  segment_ids = document_ids(input_ids, eos_id=0)
   np.testing.assert_array_equal(segment_ids, [[1, 1, 1, 1], [1, 1, 1, 2], [1, 2, 2, 3]])
-  np.testing.assert_array_equal(positions, [[0, 1, 2, 3], [0, 1, 2, 0], [0, 0, 1, 0]])
 
 
-def test_iterator_adds_segment_ids_and_positions_when_asked(dataset):
-  batch = next(make_iterator(dataset, segment_ids=True, positions=True))
-  assert set(batch) == {"input_ids", "segment_ids", "positions"}
+def test_iterator_adds_segment_ids_when_asked(dataset):
+  batch = next(make_iterator(dataset, segment_ids=True))
+  assert set(batch) == {"input_ids", "segment_ids"}
   for value in batch.values():
     assert value.shape == (12, SEQ_LEN) and value.dtype == np.int32
   assert set(next(make_iterator(dataset))) == {"input_ids"}

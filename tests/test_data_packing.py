@@ -1,4 +1,4 @@
-"""Packing (reference-mpt-1b.md §6) and the embedded corpus run through the real Task machinery."""
+"""Packing (docs/data.md) and the embedded corpus run through the real Task machinery."""
 
 import dataclasses
 import subprocess

@@ -22,7 +22,7 @@ def neox(tokenizer_json) -> tokenizer_lib.Tokenizer:
 
 
 def test_neox_ids_match_the_spec(neox):
-  assert neox.eos_id == 0  # reference-mpt-1b.md §6
+  assert neox.eos_id == 0  # docs/data.md, Tokenizer
   assert neox.vocab_size == 50277
   assert neox.encode("<|endoftext|>") == [0]
 

@@ -8,7 +8,7 @@ import pathlib
 import pytest
 from flax import nnx
 
-from mpt_jax import MPTConfig, MPTForCausalLM, checkpoint, evaluate
+from mpt_jax import MPTConfig, MPTForCausalLM, checkpoint, evaluate, model_folder
 from mpt_jax.data.tokenizer import Tokenizer
 from mpt_jax.eval import icl, perplexity
 
@@ -48,7 +48,7 @@ def test_icl_and_perplexity_tasks_give_a_table_and_json(args, capsys):
 
 def test_bad_input_exits_naming_the_problem(args, tmp_path):
   small = tmp_path / "small-vocab"
-  checkpoint.save_model(MPTForCausalLM(MPTConfig(d_model=16, n_heads=2, n_layers=1, vocab_size=64, max_seq_len=64), rngs=nnx.Rngs(0)), small)
+  model_folder.save_model(MPTForCausalLM(MPTConfig(d_model=16, n_heads=2, n_layers=1, vocab_size=64, max_seq_len=64), rngs=nnx.Rngs(0)), small)
   broken = tmp_path / "broken.jsonl"
   broken.write_text('{"query": "q", "choices": ["a", "b"], "gold": 0}\n{"query": "q", "choices": ["a", "b"]}\n')
   cases = [

@@ -10,7 +10,7 @@ import pytest
 import torch
 from flax import nnx
 
-from mpt_jax import MPTConfig, MPTForCausalLM, checkpoint
+from mpt_jax import MPTConfig, MPTForCausalLM, checkpoint, model_folder
 from mpt_jax import generate as generate_module
 from mpt_jax.generate import Generator, generate, sample_logits
 
@@ -226,7 +226,7 @@ def test_cli_streams_a_single_prompt(converted_mpt, tokenizer_json, capsys):
 def test_cli_bad_input_exits_with_a_clear_message(converted_mpt, tokenizer_json, tmp_path):
   _, folder = converted_mpt
   small = tmp_path / "small-vocab"
-  checkpoint.save_model(MPTForCausalLM(CONFIG, rngs=nnx.Rngs(0)), small)
+  model_folder.save_model(MPTForCausalLM(CONFIG, rngs=nnx.Rngs(0)), small)
   cases = [
       (dict(model=str(tmp_path / "missing")), "--model .*missing does not exist"),
       (dict(model=str(small)), "has 50277 ids but the model's vocab_size is 53"),

@@ -11,6 +11,7 @@ import transformers
 from flax import nnx
 
 from mpt_jax import MPTConfig, MPTForCausalLM
+from mpt_jax.hf_config import from_hf_dict
 from mpt_jax.model import stack_layers, unstack_layers
 
 TOLERANCE = 1e-5  # max |ours - theirs| / max |theirs|, float32
@@ -56,7 +57,7 @@ def _copy_hf_weights(hf, model: MPTForCausalLM, q_ln=None, k_ln=None):
 
 
 def _ours_like(hf, **overrides) -> MPTForCausalLM:
-  config = MPTConfig.from_hf_dict(hf.config.to_dict(), dtype="float32", attn_impl="xla", **overrides)
+  config = from_hf_dict(hf.config.to_dict(), dtype="float32", attn_impl="xla", **overrides)
   return MPTForCausalLM(config, rngs=nnx.Rngs(0))
 
 
@@ -95,7 +96,7 @@ def test_logits_match_transformers_with_six_heads_and_clipped_qkv():
 
 
 class _QKLayerNormWqkv(torch.nn.Module):
-  """Wqkv followed by q_ln / k_ln over the full d_model, as MosaicGPT v0.0.4 does (§2.3 step 4).
+  """Wqkv followed by q_ln / k_ln over the full d_model, as MosaicGPT v0.0.4 does (docs/model.md).
 
   transformers' MptAttention ignores qk_ln; wrapping its Wqkv adds the two LayerNorms exactly
   where the original applies them (after the projection, before the head split; no clip here).
@@ -206,7 +207,7 @@ def test_bfloat16_compute_stays_close_to_float32():
   assert _relative_error(bf16, np.asarray(fp32)) < 3e-2
 
 
-# reference-mpt-1b.md §5.3, scaled to D=384, F=1536, L=6: kaiming fan_in, residual / sqrt(2L).
+# docs/model.md, Initialization, scaled to D=384, F=1536, L=6: kaiming fan_in, residual / sqrt(2L).
 MID = MPTConfig(d_model=384, n_heads=6, n_layers=6, max_seq_len=64, vocab_size=2048)
 EXPECTED_STD = {
     ("wte",): np.sqrt(2 / 384),

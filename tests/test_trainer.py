@@ -135,5 +135,5 @@ def test_mfu_uses_llm_foundry_flop_count_for_the_1b_preset():
   assert metrics.peak_flops("NVIDIA H100 80GB HBM3") == 989.5e12
   assert metrics.peak_flops("NVIDIA A100-SXM4-40GB") == 312e12
   assert metrics.peak_flops("cpu") is None
-  np.testing.assert_allclose(metrics.mfu(49_100, per_token, 1, 989.5e12), 0.45, rtol=2e-3)  # §7: 45% ~ 49.1k tok/s
+  np.testing.assert_allclose(metrics.mfu(49_100, per_token, 1, 989.5e12), 0.45, rtol=2e-3)  # 45% MFU ~ 49.1k tok/s on an H100
   assert metrics.mfu(49_100, per_token, 1, None) is None

@@ -7,23 +7,41 @@
   pallas flash attention with in-kernel ALiBi (pallas_triton.py), T == S only; without a GPU
          the same kernels run in the Pallas interpreter (tests).
   auto   pallas on GPU for the shapes it supports (T == S, power-of-two head_dim), xla otherwise.
-Cached decoding (one new query per row against a KV cache) calls decode.attention directly.
+Cached decoding (``q_offset`` given: a few new queries per row against a KV cache) runs plain
+XLA whatever ``impl`` says, flash kernels gain nothing there: decode.py for one query per row,
+reference.py for more. docs/attention.md describes the kernels' design.
+
+The kernels know nothing of the training mesh: under a mesh, a caller says which mesh axes
+split the batch and the heads (``MeshAxes``); the model passes mpt_jax.sharding's.
 """
 
 import functools
+import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from mpt_jax import sharding
-from mpt_jax.attention import masks, pallas_triton, reference
+from mpt_jax.attention import decode, masks, pallas_triton, reference
 
 IMPLS = ("auto", "xla", "cudnn", "pallas")
 
 
-def dot_product_attention(q, k, v, *, slopes, segment_ids=None, causal=True, scale=None, impl="auto"):
+class MeshAxes(NamedTuple):
+  """Mesh axes that split activations, for kernels run per device under jax.shard_map."""
+
+  batch: tuple[str, ...] = ("data", "fsdp")  # split the batch together (the conventional data-parallel names)
+  heads: str | None = "tensor"  # splits the heads; None: heads stay whole
+
+
+def dot_product_attention(q, k, v, *, slopes, segment_ids=None, causal=True, scale=None, impl="auto", q_offset=None,
+                          axes: MeshAxes = MeshAxes()):
   """ALiBi attention. q: [B, T, N, H]; k, v: [B, S, N, H]; slopes: [N]; segment_ids: [B, S].
+
+  ``q_offset`` (a scalar or int [B], may be traced): cached decoding, the queries sit at
+  positions q_offset .. q_offset + T - 1 of the S cached keys. ``axes``: how a mesh, if one
+  is active, splits batch and heads (the Pallas kernels run per device).
 
   Returns [B, T, N, H] in q's dtype. See reference.attention for the exact semantics.
   """
@@ -31,6 +49,11 @@ def dot_product_attention(q, k, v, *, slopes, segment_ids=None, causal=True, sca
     raise ValueError(f"expected q [B, T, N, H] and k, v [B, S, N, H]; got {q.shape=} {k.shape=} {v.shape=}")
   if jnp.shape(slopes) != (q.shape[2],):
     raise ValueError(f"expected one ALiBi slope per head ({q.shape[2]}), got {jnp.shape(slopes)=}")
+  if q_offset is not None:  # a few queries against a long cache
+    if q.shape[1] == 1 and segment_ids is None and causal:
+      return decode.attention(q, k, v, slopes=slopes, scale=scale, q_offset=q_offset)
+    return reference.attention(q, k, v, slopes=slopes, segment_ids=segment_ids, causal=causal, scale=scale,
+                               q_offset=q_offset)
   if impl == "auto":
     impl = "pallas" if jax.default_backend() == "gpu" and pallas_triton.supports(q, k) else "xla"
   if impl == "xla":
@@ -38,7 +61,7 @@ def dot_product_attention(q, k, v, *, slopes, segment_ids=None, causal=True, sca
   if impl == "cudnn":
     return _cudnn_attention(q, k, v, slopes=slopes, segment_ids=segment_ids, causal=causal, scale=scale)
   if impl == "pallas":
-    return _pallas_attention(q, k, v, slopes=slopes, segment_ids=segment_ids, causal=causal, scale=scale)
+    return _pallas_attention(q, k, v, slopes=slopes, segment_ids=segment_ids, causal=causal, scale=scale, axes=axes)
   raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
 
 
@@ -59,13 +82,13 @@ def _cudnn_attention(q, k, v, *, slopes, segment_ids, causal, scale):
   )
 
 
-def _pallas_attention(q, k, v, *, slopes, segment_ids, causal, scale):
+def _pallas_attention(q, k, v, *, slopes, segment_ids, causal, scale, axes: MeshAxes):
   """The Pallas kernels; under a mesh, inside shard_map over batch and heads.
 
   A pallas_call is opaque to the SPMD partitioner, so each device runs the kernels on its
-  own rows and heads, split as mpt_jax.sharding splits activations: batch over the
-  data-parallel axes, heads over the tensor axis; a mesh axis that is absent or does not
-  divide its dimension leaves that dimension whole.
+  own rows and heads, split as ``axes`` says activations are split: the batch over
+  ``axes.batch`` together, heads over ``axes.heads``; axes that are absent or do not divide
+  their dimension leave that dimension whole.
   """
   attend = functools.partial(
       pallas_triton.flash_attention, causal=causal, scale=scale, interpret=jax.default_backend() != "gpu"
@@ -74,8 +97,8 @@ def _pallas_attention(q, k, v, *, slopes, segment_ids, causal, scale):
   if mesh.empty:
     return attend(q, k, v, slopes=slopes, segment_ids=segment_ids)
   batch, _, heads, _ = q.shape
-  batch_axes = sharding.batch_axes_dividing(mesh, batch)
-  head_axis = sharding.LOGICAL_RULES["heads"]
+  batch_axes = axes_dividing(mesh, axes.batch, batch)
+  head_axis = axes.heads
   if head_axis not in mesh.axis_names or heads % mesh.shape[head_axis]:
     head_axis = None
   rows = batch_axes or None
@@ -88,5 +111,15 @@ def _pallas_attention(q, k, v, *, slopes, segment_ids, causal, scale):
   def local(q, k, v, slopes, segment_ids=None):
     return attend(q, k, v, slopes=slopes, segment_ids=segment_ids)
 
-  # check_vma=False: the Pallas call does not track varying manual axes (DESIGN.md, jax 0.10).
+  # check_vma=False: the Pallas call does not track varying manual axes (needed on jax 0.10).
   return jax.shard_map(local, in_specs=tuple(specs), out_specs=qkv_spec, check_vma=False)(*args)
+
+
+def axes_dividing(mesh, axes: tuple[str, ...], size: int) -> tuple[str, ...]:
+  """Those of ``axes`` in ``mesh`` when together they split ``size`` evenly, else () (the dimension stays whole).
+
+  For code that runs per device under jax.shard_map (Pallas kernels), which must cut
+  activations the way the partitioner does.
+  """
+  present = tuple(axis for axis in axes if axis in mesh.axis_names)
+  return present if size % math.prod(mesh.shape[axis] for axis in present) == 0 else ()

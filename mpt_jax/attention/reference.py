@@ -1,6 +1,6 @@
 """Plain-XLA attention with ALiBi: the ground truth every other implementation is tested against.
 
-Follows reference-mpt-1b.md §2.3: scores = (q·k) * scale + ALiBi, causal and segment masks,
+Follows the original model (docs/model.md, "What differs from a textbook GPT"): scores = (q·k) * scale + ALiBi, causal and segment masks,
 softmax in float32, probabilities cast to v's dtype before the second matmul.
 """
 

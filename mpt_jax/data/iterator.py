@@ -17,10 +17,10 @@ from mpt_jax.data.tokenizer import load_tokenizer
 
 
 class TrainIterator:
-  """Yields {'input_ids': int32 [B, T]} (+ 'segment_ids', 'positions' when asked), B = this host's rows."""
+  """Yields {'input_ids': int32 [B, T]} (+ 'segment_ids' when asked), B = this host's rows."""
 
   def __init__(self, dataset: shards.PreparedDataset, *, seed: int, global_batch_size: int, process_index: int,
-               process_count: int, eos_id: int, segment_ids: bool = False, positions: bool = False, heldout_rows: int = 0):
+               process_count: int, eos_id: int, segment_ids: bool = False, heldout_rows: int = 0):
     small = [f"{n} ({r} rows)" for n, r in zip(dataset.names, dataset.rows) if r <= heldout_rows]
     if small:
       raise ValueError(f"holding out {heldout_rows} rows per source leaves nothing to train on in {', '.join(small)}")
@@ -34,7 +34,7 @@ class TrainIterator:
     self.local_batch_size = global_batch_size // process_count
     self._first_row = process_index * self.local_batch_size
     self._eos_id = eos_id
-    self._outputs = dict(segment_ids=segment_ids, positions=positions)
+    self._segment_ids = segment_ids
     self.heldout_rows = heldout_rows  # the last rows of each source, never read
     self.step = 0
     self._consumed = np.zeros(len(dataset.names), np.int64)  # rows taken from each source so far
@@ -51,9 +51,8 @@ class TrainIterator:
     source, ordinal = source[mine], ordinal[mine]
     input_ids = self.dataset.read(source, self._rows(source, ordinal))  # [B, T]
     batch = {"input_ids": input_ids}
-    if any(self._outputs.values()):
-      segment_ids, positions = document_ids(input_ids, self._eos_id)
-      batch |= {k: v for k, v in dict(segment_ids=segment_ids, positions=positions).items() if self._outputs[k]}
+    if self._segment_ids:
+      batch["segment_ids"] = document_ids(input_ids, self._eos_id)
     return batch
 
   def get_state(self) -> dict:
@@ -97,16 +96,16 @@ def heldout_index(dataset: shards.PreparedDataset, per_source: int) -> tuple[np.
   return source, row
 
 
-def document_ids(input_ids: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
-  """segment_ids (1 for the row's first document, +1 after each EOS) and positions within the document."""
-  _, length = input_ids.shape
+def document_ids(input_ids: np.ndarray, eos_id: int) -> np.ndarray:
+  """segment_ids int32 [B, T]: 1 for the row's first document, +1 after each EOS.
+
+  No positions within the document: ALiBi's bias depends only on query - key distance, which
+  document masking keeps within one document, so the model needs none.
+  """
   starts = np.zeros(input_ids.shape, bool)  # [B, T] a document begins here
   starts[:, 0] = True
   starts[:, 1:] = input_ids[:, :-1] == eos_id
-  segment_ids = np.cumsum(starts, axis=1, dtype=np.int32)
-  t = np.arange(length, dtype=np.int32)
-  positions = t - np.maximum.accumulate(np.where(starts, t, 0), axis=1)
-  return segment_ids, positions.astype(np.int32)
+  return np.cumsum(starts, axis=1, dtype=np.int32)
 
 
 def make_train_iterator(config: TrainConfig, *, process_index: int, process_count: int) -> TrainIterator:
@@ -135,7 +134,6 @@ def make_train_iterator(config: TrainConfig, *, process_index: int, process_coun
       process_count=process_count,
       eos_id=tokenizer.eos_id,
       segment_ids=data.segment_ids,
-      positions=data.positions,
       heldout_rows=config.eval.heldout_rows if config.eval.every_steps else 0,
   )
 

@@ -6,14 +6,15 @@ never tokenizes. The directory appears only when complete (built under a temp na
 renamed), so an interrupted prepare is simply rerun. It records the input files it read
 (names, sizes, modification times): after files are added, removed or changed, a rerun
 prepares the data again. A source that yields no full row (empty or unreadable files) is an
-error listing what each of its files gave, and nothing is written.
+error listing what each of its files gave, and nothing is written. docs/data.md describes
+the pipeline.
 
-  python -m mpt_jax.data.prepare [PRESET] [--data.FIELD VALUE ...] [--seq-len N] [--workers N]
+  python -m mpt_jax.data.prepare [--data.FIELD VALUE ...] [--seq-len N] [--workers N]
 
-PRESET (a module of configs/, as for train.py) supplies `data` and `seq_len`, so the shards
-are the ones that run will look for; flags override it like train.py's, e.g.
+To prepare what a preset of configs/ will train on, use prepare.py beside train.py, which
+reads the preset and then the same flags:
 
-  python -m mpt_jax.data.prepare mpt_1b_redpajama_200b --data.data-dir /data/RedPajama-Data-1T \\
+  python prepare.py mpt_1b_redpajama_200b --data.data-dir /data/RedPajama-Data-1T \\
       --data.tokenizer-path /data/gpt-neox-20b/tokenizer.json --data.prepared-dir /data/prepared --workers 64
 """
 
@@ -23,14 +24,15 @@ import logging
 import multiprocessing
 import os
 import pathlib
-import shutil
 import sys
+from typing import Callable
 
 import seqio
 import tqdm
 import tyro
 
 from mpt_jax import cli
+from mpt_jax.atomic import atomic_directory
 from mpt_jax.config import DataConfig
 from mpt_jax.data import shards, sources, tasks
 from mpt_jax.data.tokenizer import load_tokenizer
@@ -72,8 +74,7 @@ def prepare(config: DataConfig, seq_len: int, *, workers: int = 1,
   inputs = shards.input_files(patterns)  # before reading: a file changed meanwhile makes the next run redo it
   rates = tasks.tasks_of(provider)
   jobs = [(t.name, i, len(t.source.units)) for t in seqio.get_subtasks(provider) for i in range(len(t.source.units))]
-  tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-  try:
+  with atomic_directory(out, replace=True) as tmp:  # nothing half-written stays behind
     results = []
     with tqdm.tqdm(total=len(jobs), desc=f"prepare {config.mixture}", unit="unit") as bar:
       for result in _run(jobs, (config, unit_bytes), seq_len, tmp, workers):
@@ -86,9 +87,6 @@ def prepare(config: DataConfig, seq_len: int, *, workers: int = 1,
     for name, source in manifest["sources"].items():
       stats = sources.summary(collections.Counter(source["stats"]))
       logging.info("prepared %s: %s rows; %s", name, f"{source['rows']:,}", stats)
-    _replace(tmp, out)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
   return out
 
 
@@ -103,21 +101,6 @@ def _require_rows(results: list[dict], rates: dict[str, float], seq_len: int) ->
       per_file[sources.unit_path(r["unit"])].update(r["stats"])
     files = "; ".join(f"{path}: {sources.summary(stats)}" for path, stats in sorted(per_file.items()))
     raise ValueError(f"{task} yields no full row of {seq_len} tokens, so nothing was prepared; per file: {files}")
-
-
-def _replace(tmp: pathlib.Path, out: pathlib.Path) -> None:
-  """Renames `tmp` to `out`, moving a stale `out` out of the way first."""
-  stale = out.with_name(f".{out.name}.{os.getpid()}.stale")
-  if out.exists():
-    os.rename(out, stale)
-  try:
-    os.rename(tmp, out)
-  except OSError:
-    if not (out / shards.MANIFEST).exists():
-      raise
-    # another process finished the same data first: keep theirs
-  finally:
-    shutil.rmtree(stale, ignore_errors=True)
 
 
 def _run(jobs, register_args, seq_len, tmp, workers):
@@ -167,24 +150,21 @@ def _manifest(config, seq_len, tokenizer, rates, results) -> dict:
   )
 
 
-def parse_args(argv: list[str]) -> PrepareArgs:
-  """PrepareArgs from an optional leading preset name and the flags that follow."""
-  default = PrepareArgs()
+def parse_args(argv: list[str], default: PrepareArgs = PrepareArgs()) -> PrepareArgs:
+  """PrepareArgs from the flags in ``argv``, applied over ``default`` (prepare.py passes a preset's)."""
   if argv and not argv[0].startswith("-"):
-    import configs  # the presets live beside train.py, outside the library
-
-    preset = configs.get_config(argv.pop(0))
-    default = dataclasses.replace(default, data=preset.data, seq_len=preset.seq_len)
+    raise ValueError(f"unexpected argument {argv[0]!r}: a preset name is read by prepare.py beside train.py "
+                     "(python prepare.py PRESET [flags]); this module takes flags only")
   with cli.config_errors_raise():  # a bad value raises ValueError
     return tyro.cli(PrepareArgs, default=default, args=argv)
 
 
-def main(argv: list[str]) -> int:
-  """Prepares what ``argv`` asks for and prints its directory; returns the exit status (mpt_jax.cli)."""
+def main(argv: list[str], parse: Callable[[list[str]], PrepareArgs] = parse_args) -> int:
+  """Prepares what ``argv`` asks for (read by ``parse``) and prints its directory; returns the exit status (mpt_jax.cli)."""
   logging.basicConfig(level=logging.INFO, format="%(message)s")
 
   def command():
-    args = parse_args(argv)
+    args = parse(list(argv))
     print(prepare(args.data, args.seq_len, workers=args.workers, unit_bytes=args.unit_mb << 20))
 
   return cli.run(command)

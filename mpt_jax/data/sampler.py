@@ -1,7 +1,7 @@
 """Which rows a step reads, as pure functions of the seed: the mixture draw and each source's order.
 
 The mixture draw of step i depends only on (seed, i), like the original's per-sample source
-choice with fixed probabilities (reference-mpt-1b.md §5.1). Within a source, rows are taken
+choice with fixed probabilities (docs/data.md). Within a source, rows are taken
 in a pseudorandom order that changes every epoch: a keyed Feistel permutation of the row
 index (cycle-walking into range), evaluated pointwise, so a source of hundreds of millions
 of rows needs no materialized permutation and no state beyond a counter.

@@ -22,7 +22,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from mpt_jax.config import DataConfig
-from mpt_jax.data.tokenizer import Tokenizer, write_atomically
+from mpt_jax.atomic import atomic_file, write_atomically
+from mpt_jax.data.tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"
 INPUTS = "inputs.json"
@@ -77,16 +78,13 @@ def changed_inputs(directory: pathlib.Path) -> str | None:
 
 def write_rows(path: pathlib.Path, rows: Iterable[np.ndarray]) -> tuple[int, str]:
   """Streams int32 rows to `path` (temp name, then rename); returns (row count, sha256)."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
   digest, count = hashlib.sha256(), 0
-  with open(tmp, "wb") as f:
+  with atomic_file(path) as tmp, open(tmp, "wb") as f:
     for row in rows:
       data = np.ascontiguousarray(row, np.int32).tobytes()
       digest.update(data)
       f.write(data)
       count += 1
-  os.replace(tmp, path)
   return count, digest.hexdigest()
 
 

@@ -2,7 +2,7 @@
 
 Every Task is source -> tokenize -> append EOS -> pack: documents are concatenated within the
 one source and cut into rows of exactly `sequence_length["targets"]` tokens, the recipe of
-`ConcatTokensDataset` (reference-mpt-1b.md §6), so each row comes from a single source (§5.1).
+`ConcatTokensDataset` (docs/data.md), so each row comes from a single source.
 `prepare` runs these Tasks once to write token shards; training never runs TensorFlow.
 Tasks are registered by `register(config, tokenizer)` because file patterns and the
 vocabulary come from the run's DataConfig. A subset can also come from a dataset prepared
@@ -24,7 +24,7 @@ from mpt_jax.config import DataConfig
 from mpt_jax.data import corpus, sources
 from mpt_jax.data.tokenizer import Tokenizer
 
-# The published mix of mpt-1b-redpajama-200b (§5.1), in percent.
+# The published mix of mpt-1b-redpajama-200b (docs/data.md), in percent.
 REDPAJAMA_RATES = {
     "common_crawl": 67.0,
     "c4": 15.0,
@@ -126,7 +126,7 @@ class DocumentSource(seqio.DataSource):
 def pack_rows(dataset: tf.data.Dataset, sequence_length, output_features) -> tf.data.Dataset:
   """Concatenates the documents' tokens and emits rows of exactly `sequence_length["targets"]`.
 
-  No padding; the tail that does not fill a last row is dropped (ConcatTokensDataset, §6).
+  No padding; the tail that does not fill a last row is dropped (ConcatTokensDataset, docs/data.md).
   """
   del output_features
   length = sequence_length["targets"]

@@ -1,7 +1,7 @@
 """Tokenizers: the GPT-NeoX-20B tokenizer.json of the real run, or a small BPE for the embedded corpus.
 
 Both are Hugging Face `tokenizers` models behind one class with the GPT-NeoX conventions
-(reference-mpt-1b.md §6): `<|endoftext|>` is the EOS, id 0, appended after every document;
+(docs/data.md, "Tokenizer"): `<|endoftext|>` is the EOS, id 0, appended after every document;
 no BOS. This module needs no TensorFlow, so training on a machine without it (the GPU
 machines) can still encode prompts and read prepared shards; `tasks.HfVocabulary` wraps
 it as a `seqio.Vocabulary` for the seqio Tasks.
@@ -16,6 +16,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from mpt_jax.config import DataConfig
+from mpt_jax.atomic import write_atomically
 from mpt_jax.data import corpus
 
 EOS_TOKEN = "<|endoftext|>"
@@ -95,11 +96,3 @@ def load_tokenizer(config: DataConfig) -> Tokenizer:
     texts = corpus.EMBEDDED[config.mixture]()
     write_atomically(path, train_bpe(texts, config.bpe_vocab_size).encode())
   return Tokenizer.from_file(path)
-
-
-def write_atomically(path: pathlib.Path, data: bytes) -> None:
-  """Writes `data` to a temp file beside `path`, then renames: readers never see half a file."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  tmp.write_bytes(data)
-  os.replace(tmp, path)
