@@ -33,8 +33,8 @@ def parse_args(argv: list[str]) -> TrainConfig:
   if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
     argv = [DEFAULT_PRESET, *argv]
   presets = {
-      name: (importlib.import_module(f"configs.{name}").__doc__.strip().splitlines()[0], configs.get_config(name))
-      for name in configs.PRESETS
+    name: (importlib.import_module(f"configs.{name}").__doc__.strip().splitlines()[0], configs.get_config(name))
+    for name in configs.PRESETS
   }
   with cli.config_errors_raise():  # a bad value raises ValueError
     return tyro.extras.overridable_config_cli(presets, args=argv, prog="train.py")

@@ -113,19 +113,23 @@ def _materialized_logits():
 
 
 VARIANTS = {
-    "as_is": Variant("the step as it is (all features on)", {}),
-    "no_guard": Variant("without the NaN/inf guard", {}, _no_guard),
-    "cond_guard": Variant("guard by lax.cond around the update (before)", {}, _cond_guard),
-    "no_clipping": Variant("without clipping (norm still computed for guard and log)", {}, _no_clipping),
-    "constant_count": Variant("divide by a constant instead of the token count", {}, _constant_token_count),
-    "z_loss": Variant("with z-loss 1e-4 (off by default)", {"z_loss": 1e-4}),
-    "remat_ln_gelu": Variant("LayerNorm/GELU by autodiff under jax.checkpoint (before)", {}, _autodiff_norms_and_gelu(True)),
-    "autodiff_ln_gelu": Variant("LayerNorm/GELU by plain autodiff", {}, _autodiff_norms_and_gelu(False)),
-    "xla_layer_norm": Variant("LayerNorm by XLA (same custom VJP) instead of the Pallas kernels", {"model.norm_impl": "xla"}),
-    "f32_logits": Variant("float32 [B, T, V] logits + cross-entropy over the full vocabulary", {}, _materialized_logits),
-    "scan": Variant("layers by lax.scan, one block per iteration", {"model.scan_unroll": 1}),
-    "loop": Variant("layers by a Python loop (per-layer parameters)", {"model.scan_layers": False}),
-    "cudnn": Variant("cuDNN attention with a materialized ALiBi bias", {"model.attn_impl": "cudnn"}),
+  "as_is": Variant("the step as it is (all features on)", {}),
+  "no_guard": Variant("without the NaN/inf guard", {}, _no_guard),
+  "cond_guard": Variant("guard by lax.cond around the update (before)", {}, _cond_guard),
+  "no_clipping": Variant("without clipping (norm still computed for guard and log)", {}, _no_clipping),
+  "constant_count": Variant("divide by a constant instead of the token count", {}, _constant_token_count),
+  "z_loss": Variant("with z-loss 1e-4 (off by default)", {"z_loss": 1e-4}),
+  "remat_ln_gelu": Variant(
+    "LayerNorm/GELU by autodiff under jax.checkpoint (before)", {}, _autodiff_norms_and_gelu(True)
+  ),
+  "autodiff_ln_gelu": Variant("LayerNorm/GELU by plain autodiff", {}, _autodiff_norms_and_gelu(False)),
+  "xla_layer_norm": Variant(
+    "LayerNorm by XLA (same custom VJP) instead of the Pallas kernels", {"model.norm_impl": "xla"}
+  ),
+  "f32_logits": Variant("float32 [B, T, V] logits + cross-entropy over the full vocabulary", {}, _materialized_logits),
+  "scan": Variant("layers by lax.scan, one block per iteration", {"model.scan_unroll": 1}),
+  "loop": Variant("layers by a Python loop (per-layer parameters)", {"model.scan_layers": False}),
+  "cudnn": Variant("cuDNN attention with a materialized ALiBi bias", {"model.attn_impl": "cudnn"}),
 }
 
 

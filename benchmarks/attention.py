@@ -56,12 +56,12 @@ def implementations(block_sizes):
   ours = functools.partial(pallas_triton.flash_attention, slopes=slopes, block_sizes=block_sizes)
   cudnn = functools.partial(dot_product_attention, slopes=slopes, impl="cudnn")
   return {
-      "ours (Pallas-Triton)": ours,
-      f"ours, {PACKED_DOCS} packed docs": functools.partial(ours, segment_ids=packed),
-      "XLA reference": functools.partial(reference.attention, slopes=slopes),
-      "cuDNN, ALiBi as bias": cudnn,
-      f"cuDNN, ALiBi bias, {PACKED_DOCS} docs": functools.partial(cudnn, segment_ids=packed),
-      "cuDNN, no ALiBi": functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation="cudnn"),
+    "ours (Pallas-Triton)": ours,
+    f"ours, {PACKED_DOCS} packed docs": functools.partial(ours, segment_ids=packed),
+    "XLA reference": functools.partial(reference.attention, slopes=slopes),
+    "cuDNN, ALiBi as bias": cudnn,
+    f"cuDNN, ALiBi bias, {PACKED_DOCS} docs": functools.partial(cudnn, segment_ids=packed),
+    "cuDNN, no ALiBi": functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation="cudnn"),
   }
 
 
@@ -90,14 +90,17 @@ def check(block_sizes, inputs) -> None:
   q, k, v, d_out = inputs
   slopes = alibi_slopes(HEADS)
   for segment_ids in (None, packed_segment_ids()):
-    ours = functools.partial(pallas_triton.flash_attention, slopes=slopes, segment_ids=segment_ids,
-                             block_sizes=block_sizes)
-    ref = functools.partial(reference.attention, slopes=slopes, segment_ids=segment_ids,
-                            precision=jax.lax.Precision.HIGHEST)
+    ours = functools.partial(
+      pallas_triton.flash_attention, slopes=slopes, segment_ids=segment_ids, block_sizes=block_sizes
+    )
+    ref = functools.partial(
+      reference.attention, slopes=slopes, segment_ids=segment_ids, precision=jax.lax.Precision.HIGHEST
+    )
     out, grads = _out_and_grads(ours, q, k, v, d_out)
     ref_out, ref_grads = _out_and_grads(ref, *(x.astype(jnp.float32) for x in (q, k, v, d_out)))
-    errors = {name: _rel_err(a, b) for name, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads),
-                                                             (ref_out, *ref_grads))}
+    errors = {
+      name: _rel_err(a, b) for name, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads))
+    }
     label = "unpacked" if segment_ids is None else f"{PACKED_DOCS} packed docs"
     print(f"check vs reference ({label}): " + ", ".join(f"{n} {e:.2e}" for n, e in errors.items()), flush=True)
     bounds = {"out": OUT_TOL, "dq": GRAD_TOL, "dk": GRAD_TOL, "dv": GRAD_TOL}
@@ -122,35 +125,46 @@ def table(block_sizes, input_sets) -> None:
   for name, attend in implementations(block_sizes).items():
     forward, both = forward_and_backward(attend)
     t_fwd, t_both = median_seconds(forward, input_sets), median_seconds(both, input_sets)
-    print(f"{name:34s} {t_fwd * 1e3:8.3f} {FWD_FLOPS / t_fwd / 1e12:9.1f} {t_both * 1e3:11.3f} "
-          f"{FWD_BWD_FLOPS / t_both / 1e12:13.1f}", flush=True)
+    print(
+      f"{name:34s} {t_fwd * 1e3:8.3f} {FWD_FLOPS / t_fwd / 1e12:9.1f} {t_both * 1e3:11.3f} "
+      f"{FWD_BWD_FLOPS / t_both / 1e12:13.1f}",
+      flush=True,
+    )
 
 
 # Candidate tilings (block_q, block_k, num_warps, num_stages) per kernel for --sweep.
-FORWARD_CANDIDATES = [(bq, bk, w, s) for bq in (64, 128) for bk in (32, 64, 128)
-                      for w, s in ((4, 3), (8, 2), (8, 3), (8, 4))]
-DKDV_CANDIDATES = [(bq, bk, w, s) for bq, bk in ((32, 64), (32, 128), (64, 64), (64, 128), (128, 64))
-                   for w, s in ((4, 2), (4, 3), (8, 2), (8, 3))]
-DQ_CANDIDATES = [(bq, bk, w, s) for bq, bk in ((64, 64), (128, 32), (128, 64), (64, 128))
-                 for w, s in ((4, 2), (4, 3), (8, 2), (8, 3))]
+FORWARD_CANDIDATES = [
+  (bq, bk, w, s) for bq in (64, 128) for bk in (32, 64, 128) for w, s in ((4, 3), (8, 2), (8, 3), (8, 4))
+]
+DKDV_CANDIDATES = [
+  (bq, bk, w, s)
+  for bq, bk in ((32, 64), (32, 128), (64, 64), (64, 128), (128, 64))
+  for w, s in ((4, 2), (4, 3), (8, 2), (8, 3))
+]
+DQ_CANDIDATES = [
+  (bq, bk, w, s) for bq, bk in ((64, 64), (128, 32), (128, 64), (64, 128)) for w, s in ((4, 2), (4, 3), (8, 2), (8, 3))
+]
 
 
 def sweep(base: pallas_triton.BlockSizes, input_sets) -> pallas_triton.BlockSizes:
   """Times each kernel's candidates with the other kernels at ``base``; returns the best mix."""
   slopes = alibi_slopes(HEADS)
   kernels = [
-      ("forward", "", FORWARD_CANDIDATES, 0),
-      ("dK/dV", "_dkv", DKDV_CANDIDATES, 1),
-      ("dQ", "_dq", DQ_CANDIDATES, 1),
+    ("forward", "", FORWARD_CANDIDATES, 0),
+    ("dK/dV", "_dkv", DKDV_CANDIDATES, 1),
+    ("dQ", "_dq", DQ_CANDIDATES, 1),
   ]
   best = {}
   for kernel, suffix, candidates, which in kernels:
-    print(f"\nsweep {kernel}: block_q, block_k, num_warps, num_stages -> {('fwd', 'fwd+bwd')[which]} ms",
-          flush=True)
+    print(f"\nsweep {kernel}: block_q, block_k, num_warps, num_stages -> {('fwd', 'fwd+bwd')[which]} ms", flush=True)
     results = []
     for bq, bk, warps, stages in candidates:
-      fields = {f"block_q{suffix}": bq, f"block_k{suffix}": bk, f"num_warps{suffix}": warps,
-                f"num_stages{suffix}": stages}
+      fields = {
+        f"block_q{suffix}": bq,
+        f"block_k{suffix}": bk,
+        f"num_warps{suffix}": warps,
+        f"num_stages{suffix}": stages,
+      }
       try:
         sizes = dataclasses.replace(base, **fields)
         attend = functools.partial(pallas_triton.flash_attention, slopes=slopes, block_sizes=sizes)
@@ -173,8 +187,10 @@ def main():
   if device.platform != "gpu":
     raise SystemExit(f"this benchmark needs a GPU; found {device}")
   block_sizes = pallas_triton.BlockSizes()
-  print(f"device: {device.device_kind}, jax {jax.__version__}, shape B={BATCH} T={SEQ} N={HEADS} H={HEAD_DIM} "
-        f"bf16 causal", flush=True)
+  print(
+    f"device: {device.device_kind}, jax {jax.__version__}, shape B={BATCH} T={SEQ} N={HEADS} H={HEAD_DIM} bf16 causal",
+    flush=True,
+  )
   input_sets = make_inputs(0)
   check(block_sizes, input_sets[0])
   if args.sweep:

@@ -75,13 +75,15 @@ def main(args: Args) -> None:
   src, flax_dir, torch_dir = args.workdir / "torch", args.workdir / "flax", args.workdir / "torch_out"
   size = write_random_checkpoint(src, config, args.seed)
   result = {
-      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-      "host": f"{platform.node()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} before",
-      "checkpoint_gb": round(size / 1e9, 2),
-      "torch_to_flax": run_measured([sys.executable, ROOT / "convert" / "torch_to_flax.py", src, flax_dir]),
-      "flax_to_torch": run_measured([sys.executable, ROOT / "convert" / "flax_to_torch.py", flax_dir, torch_dir, "--layout", "mosaic_gpt"]),
-      "load_average_after": round(os.getloadavg()[0], 1),
-      "mismatched_tensors": count_mismatches(src / "pytorch_model.bin", torch_dir / "model.safetensors"),
+    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    "host": f"{platform.node()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} before",
+    "checkpoint_gb": round(size / 1e9, 2),
+    "torch_to_flax": run_measured([sys.executable, ROOT / "convert" / "torch_to_flax.py", src, flax_dir]),
+    "flax_to_torch": run_measured(
+      [sys.executable, ROOT / "convert" / "flax_to_torch.py", flax_dir, torch_dir, "--layout", "mosaic_gpt"]
+    ),
+    "load_average_after": round(os.getloadavg()[0], 1),
+    "mismatched_tensors": count_mismatches(src / "pytorch_model.bin", torch_dir / "model.safetensors"),
   }
   print(json.dumps(result, indent=2))
   if not args.keep:

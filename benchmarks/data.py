@@ -54,6 +54,7 @@ def write_jsonl(path: pathlib.Path, copies: int, doc_chars: int = 4000) -> int:
 
 def bench_prepare(args: Args, root: pathlib.Path, data: DataConfig, workers: int) -> dict:
   from mpt_jax.data import prepare as prepare_lib  # TensorFlow: bench_iterator runs without it
+
   config = dataclasses.replace(data, prepared_dir=str(root / f"prepared-{workers}"))
   start = time.perf_counter()
   directory = prepare_lib.prepare(config, args.seq_len, workers=workers, unit_bytes=args.unit_mb << 20)
@@ -73,8 +74,12 @@ def bench_raw_tokenizer(args: Args, jsonl: pathlib.Path) -> float:
 
 
 def bench_iterator(args: Args, data: DataConfig, **outputs) -> dict:
-  config = TrainConfig(model=MPTConfig(), data=dataclasses.replace(data, **outputs), seq_len=args.seq_len,
-                       global_batch_size=args.global_batch_size)
+  config = TrainConfig(
+    model=MPTConfig(),
+    data=dataclasses.replace(data, **outputs),
+    seq_len=args.seq_len,
+    global_batch_size=args.global_batch_size,
+  )
   iterator = make_train_iterator(config, process_index=0, process_count=1)
   for _ in range(5):
     next(iterator)
@@ -84,7 +89,9 @@ def bench_iterator(args: Args, data: DataConfig, **outputs) -> dict:
     batch = next(iterator)
     times.append(time.perf_counter() - start)
   tokens = batch["input_ids"].size
-  return dict(outputs=sorted(batch), median_step_s=statistics.median(times), tokens_per_s=tokens / statistics.median(times))
+  return dict(
+    outputs=sorted(batch), median_step_s=statistics.median(times), tokens_per_s=tokens / statistics.median(times)
+  )
 
 
 def main(args: Args) -> None:
@@ -93,18 +100,24 @@ def main(args: Args) -> None:
     jsonl = root / "web" / "part-0.jsonl"
     jsonl.parent.mkdir()
     documents = write_jsonl(jsonl, args.corpus_copies)
-    print(f"{platform.node()}: {os.cpu_count()} cores; {documents:,} documents, {jsonl.stat().st_size / 1e6:.1f} MB JSONL")
+    print(
+      f"{platform.node()}: {os.cpu_count()} cores; {documents:,} documents, {jsonl.stat().st_size / 1e6:.1f} MB JSONL"
+    )
     print(f"raw tokenizers encode, 1 thread: {bench_raw_tokenizer(args, jsonl):,.0f} tokens/s")
     data = DataConfig(mixture="redpajama_c4", source_patterns=(f"c4={jsonl}",), tokenizer_path=args.tokenizer_path)
     for workers in args.workers:
       result = bench_prepare(args, root, data, workers)
-      print(f"prepare, {workers} worker(s): {result['tokens']:,} tokens in {result['seconds']:.1f} s "
-            f"= {result['tokens_per_s_per_core']:,.0f} tokens/s per core")
+      print(
+        f"prepare, {workers} worker(s): {result['tokens']:,} tokens in {result['seconds']:.1f} s "
+        f"= {result['tokens_per_s_per_core']:,.0f} tokens/s per core"
+      )
     data = dataclasses.replace(data, prepared_dir=str(root / f"prepared-{args.workers[0]}"))
     for outputs in ({}, dict(segment_ids=True)):
       result = bench_iterator(args, data, **outputs)
-      print(f"iterator {result['outputs']}: batch {args.global_batch_size} x {args.seq_len}, "
-            f"median {result['median_step_s'] * 1e3:.1f} ms/step = {result['tokens_per_s'] / 1e6:.1f}M tokens/s")
+      print(
+        f"iterator {result['outputs']}: batch {args.global_batch_size} x {args.seq_len}, "
+        f"median {result['median_step_s'] * 1e3:.1f} ms/step = {result['tokens_per_s'] / 1e6:.1f}M tokens/s"
+      )
 
 
 if __name__ == "__main__":

@@ -57,9 +57,15 @@ def _configs(tiny: bool):
   sizes = dict(d_model=64, n_heads=4, n_layers=2, vocab_size=512, max_seq_len=512) if tiny else {}
   ours = MPTConfig(**sizes, dtype="bfloat16", param_dtype="bfloat16")  # the defaults are MPT-1B
   theirs = transformers.MptConfig(
-      d_model=ours.d_model, n_heads=ours.n_heads, n_layers=ours.n_layers, expansion_ratio=ours.mlp_ratio,
-      max_seq_len=ours.max_seq_len, vocab_size=ours.vocab_size, no_bias=True, use_cache=True,
-      attn_config={"alibi": True, "alibi_bias_max": 8, "qk_ln": False},
+    d_model=ours.d_model,
+    n_heads=ours.n_heads,
+    n_layers=ours.n_layers,
+    expansion_ratio=ours.mlp_ratio,
+    max_seq_len=ours.max_seq_len,
+    vocab_size=ours.vocab_size,
+    no_bias=True,
+    use_cache=True,
+    attn_config={"alibi": True, "alibi_bias_max": 8, "qk_ln": False},
   )
   return ours, theirs
 
@@ -91,15 +97,22 @@ def _measure_ours(generator, batch: int, args: Args) -> dict:
 
   from mpt_jax.generate import CACHE_ROUNDING
 
-  prompts = np.random.default_rng(batch).integers(1, generator.config.vocab_size, (batch, args.prompt_tokens), dtype=np.int32)
-  cache_length = -(-(args.prompt_tokens + args.new_tokens - 1) // CACHE_ROUNDING) * CACHE_ROUNDING  # generate()'s choice for N
+  prompts = np.random.default_rng(batch).integers(
+    1, generator.config.vocab_size, (batch, args.prompt_tokens), dtype=np.int32
+  )
+  cache_length = (
+    -(-(args.prompt_tokens + args.new_tokens - 1) // CACHE_ROUNDING) * CACHE_ROUNDING
+  )  # generate()'s choice for N
   run = lambda n: generator(prompts, max_new_tokens=n, temperature=0.0, cache_length=cache_length)
   start = time.perf_counter()
   out = run(args.new_tokens)  # compiles the loop both timings use
   compile_s = time.perf_counter() - start
   assert all(len(row) == args.new_tokens for row in out)
-  return dict(compile_s=compile_s, t1=_median_time(lambda: run(1), args.repeats),
-              tn=_median_time(lambda: run(args.new_tokens), args.repeats))
+  return dict(
+    compile_s=compile_s,
+    t1=_median_time(lambda: run(1), args.repeats),
+    tn=_median_time(lambda: run(args.new_tokens), args.repeats),
+  )
 
 
 def _measure_transformers(model, batch: int, args: Args, device) -> dict:
@@ -109,8 +122,14 @@ def _measure_transformers(model, batch: int, args: Args, device) -> dict:
   prompts = torch.randint(1, model.config.vocab_size, (batch, args.prompt_tokens), generator=generator).to(device)
 
   def run(n):
-    out = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n, do_sample=False,
-                         use_cache=True, pad_token_id=0)
+    out = model.generate(
+      prompts,
+      attention_mask=torch.ones_like(prompts),
+      max_new_tokens=n,
+      do_sample=False,
+      use_cache=True,
+      pad_token_id=0,
+    )
     if device.type == "cuda":
       torch.cuda.synchronize()
     return out
@@ -119,26 +138,40 @@ def _measure_transformers(model, batch: int, args: Args, device) -> dict:
     start = time.perf_counter()
     assert run(4).shape == (batch, args.prompt_tokens + 4)  # warm-up: kernels, allocator
     warmup_s = time.perf_counter() - start
-    return dict(compile_s=warmup_s, t1=_median_time(lambda: run(1), args.repeats),
-                tn=_median_time(lambda: run(args.new_tokens), args.repeats))
+    return dict(
+      compile_s=warmup_s,
+      t1=_median_time(lambda: run(1), args.repeats),
+      tn=_median_time(lambda: run(args.new_tokens), args.repeats),
+    )
 
 
 def _row(impl: str, batch: int, timing: dict, args: Args, floor_ms: float | None) -> dict:
   step_ms = 1e3 * (timing["tn"] - timing["t1"]) / (args.new_tokens - 1)
-  return dict(impl=impl, batch=batch, status="ok", prefill_tokens_per_s=batch * args.prompt_tokens / timing["t1"],
-              decode_ms_per_step=step_ms, decode_tokens_per_s=1e3 * batch / step_ms,
-              x_floor=step_ms / floor_ms if floor_ms else None, **timing)
+  return dict(
+    impl=impl,
+    batch=batch,
+    status="ok",
+    prefill_tokens_per_s=batch * args.prompt_tokens / timing["t1"],
+    decode_ms_per_step=step_ms,
+    decode_tokens_per_s=1e3 * batch / step_ms,
+    x_floor=step_ms / floor_ms if floor_ms else None,
+    **timing,
+  )
 
 
 def _table(rows: list[dict], floor_ms: float | None) -> str:
-  lines = [f"{'impl':<13} {'batch':>5} {'prefill tok/s':>13} {'decode ms/step':>14} {'decode tok/s':>12} {'x floor':>7} {'warm-up s':>9}  status"]
+  lines = [
+    f"{'impl':<13} {'batch':>5} {'prefill tok/s':>13} {'decode ms/step':>14} {'decode tok/s':>12} {'x floor':>7} {'warm-up s':>9}  status"
+  ]
   for r in rows:
     if r["status"] != "ok":
       lines.append(f"{r['impl']:<13} {r['batch']:>5} {'-':>13} {'-':>14} {'-':>12} {'-':>7} {'-':>9}  {r['status']}")
       continue
     x_floor = f"{r['x_floor']:.2f}" if r["x_floor"] else "-"
-    lines.append(f"{r['impl']:<13} {r['batch']:>5} {r['prefill_tokens_per_s']:>13,.0f} {r['decode_ms_per_step']:>14.3f} "
-                 f"{r['decode_tokens_per_s']:>12,.0f} {x_floor:>7} {r['compile_s']:>9.1f}  ok")
+    lines.append(
+      f"{r['impl']:<13} {r['batch']:>5} {r['prefill_tokens_per_s']:>13,.0f} {r['decode_ms_per_step']:>14.3f} "
+      f"{r['decode_tokens_per_s']:>12,.0f} {x_floor:>7} {r['compile_s']:>9.1f}  ok"
+    )
   if floor_ms:
     lines.append(f"floor: every bf16 weight read once per step = {floor_ms:.3f} ms")
   return "\n".join(lines)
@@ -160,8 +193,8 @@ def main(args: Args) -> dict:
   import torch
   import transformers
 
-  from mpt_jax.model_folder import abstract_params
   from mpt_jax.generate import Generator
+  from mpt_jax.model_folder import abstract_params
 
   ours_config, hf_config = _configs(args.tiny)
   device = jax.devices()[0]
@@ -175,9 +208,17 @@ def main(args: Args) -> dict:
     torch.manual_seed(0)
     with torch.device(torch_device):  # initialized where it runs: 1.3B parameters init slowly on the host
       hf = transformers.MptForCausalLM(hf_config).to(torch.bfloat16).eval()
-  report = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(), device=device.device_kind,
-                jax=jax.__version__, torch=torch.__version__, transformers=transformers.__version__,
-                args=dataclasses.asdict(args), n_params=n_params, floor_ms=floor_ms, rows=[])
+  report = dict(
+    date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    device=device.device_kind,
+    jax=jax.__version__,
+    torch=torch.__version__,
+    transformers=transformers.__version__,
+    args=dataclasses.asdict(args),
+    n_params=n_params,
+    floor_ms=floor_ms,
+    rows=[],
+  )
   for batch in args.batch_sizes:
     impls = [("mpt-jax", lambda: _measure_ours(generator, batch, args))]
     if hf is not None:
@@ -190,8 +231,10 @@ def main(args: Args) -> dict:
       report["rows"].append(row)
       print(_table([row], floor_ms).splitlines()[1], flush=True)
       _write(report)
-  print(f"\n{device.device_kind}, jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}; "
-        f"{args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, greedy, median of {args.repeats}")
+  print(
+    f"\n{device.device_kind}, jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}; "
+    f"{args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, greedy, median of {args.repeats}"
+  )
   print(_table(report["rows"], floor_ms))
   return report
 

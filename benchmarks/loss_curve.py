@@ -55,8 +55,15 @@ def train(args: Args) -> list[float]:
   model = MPTConfig(d_model=512, n_heads=8, n_layers=8, max_seq_len=args.seq_len, scan_layers=args.layers != "loop")
   if args.layers == "unrolled":
     model = dataclasses.replace(model, scan_unroll=model.n_layers)
-  config = TrainConfig(model=model, mesh=MeshConfig(fsdp=1), optim=OptimConfig(lr=1e-3, warmup_steps=10),
-                       seq_len=args.seq_len, global_batch_size=args.batch_size, steps=args.steps, z_loss=1e-4)
+  config = TrainConfig(
+    model=model,
+    mesh=MeshConfig(fsdp=1),
+    optim=OptimConfig(lr=1e-3, warmup_steps=10),
+    seq_len=args.seq_len,
+    global_batch_size=args.batch_size,
+    steps=args.steps,
+    z_loss=1e-4,
+  )
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   losses = []
   with jax.set_mesh(mesh):
@@ -74,8 +81,10 @@ def compare(files: tuple[str, ...]) -> None:
   print(f"{files[0]}: loss {first[0]:.4f} -> {first[-1]:.4f} over {len(first)} steps")
   for f in files[1:]:
     diff = np.abs(curves[f] - first)
-    print(f"{f}: max |difference| {diff.max():.4f} (step {int(diff.argmax()) + 1}), mean {diff.mean():.4f}, "
-          f"last {curves[f][-1]:.4f}")
+    print(
+      f"{f}: max |difference| {diff.max():.4f} (step {int(diff.argmax()) + 1}), mean {diff.mean():.4f}, "
+      f"last {curves[f][-1]:.4f}"
+    )
 
 
 def main(args: Args) -> None:

@@ -27,11 +27,20 @@ def init_params(config: MPTConfig, key) -> dict:
 
   def layer():
     ones = jnp.ones((d,), jnp.float32)
-    return dict(ln_1=ones, qkv=normal(d, 3, n, h), q_ln=ones, k_ln=ones, out=normal(n, h, d),
-                ln_2=ones, up=normal(d, f), down=normal(f, d))
+    return dict(
+      ln_1=ones,
+      qkv=normal(d, 3, n, h),
+      q_ln=ones,
+      k_ln=ones,
+      out=normal(n, h, d),
+      ln_2=ones,
+      up=normal(d, f),
+      down=normal(f, d),
+    )
 
-  return dict(wte=normal(config.vocab_size, d), ln_f=jnp.ones((d,), jnp.float32),
-              layers=[layer() for _ in range(config.n_layers)])
+  return dict(
+    wte=normal(config.vocab_size, d), ln_f=jnp.ones((d,), jnp.float32), layers=[layer() for _ in range(config.n_layers)]
+  )
 
 
 def _layer_norm(x, scale, eps):
@@ -49,7 +58,9 @@ def _block(config: MPTConfig, p: dict, x, bias):
   k = _layer_norm(qkv[:, :, 1].reshape(b, t, d), p["k_ln"], eps).reshape(qkv[:, :, 1].shape)
   out = jax.nn.dot_product_attention(q, k, qkv[:, :, 2], bias=bias, is_causal=True, implementation=config.attn_impl)
   x = x + jnp.einsum("BTNH,NHD->BTD", out, p["out"].astype(dtype))
-  hidden = jax.nn.gelu(jnp.einsum("BTD,DF->BTF", _layer_norm(x, p["ln_2"], eps), p["up"].astype(dtype)), approximate=False)
+  hidden = jax.nn.gelu(
+    jnp.einsum("BTD,DF->BTF", _layer_norm(x, p["ln_2"], eps), p["up"].astype(dtype)), approximate=False
+  )
   return x + jnp.einsum("BTF,FD->BTD", hidden, p["down"].astype(dtype))
 
 

@@ -64,8 +64,12 @@ def _hlo_instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
 
 
 # Buckets by the jax.named_scope a kernel's HLO came from (mpt_jax.train_step, mpt_jax.ops).
-SCOPES = (("optimizer", "optimizer update"), ("loss", "loss (head softmax, cross-entropy)"),
-          ("layer_norm", "LayerNorm"), ("gelu", "GELU"))
+SCOPES = (
+  ("optimizer", "optimizer update"),
+  ("loss", "loss (head softmax, cross-entropy)"),
+  ("layer_norm", "LayerNorm"),
+  ("gelu", "GELU"),
+)
 
 
 def categorize(kernel: str, instructions: dict[str, tuple[str, str]]) -> str:
@@ -87,8 +91,13 @@ def summarize(trace_file: pathlib.Path, hlo_text: str, *, steps: int) -> dict:
   """Per-step milliseconds by bucket, plus the busiest kernels, from a Chrome-format trace."""
   with gzip.open(trace_file, "rt") as f:
     events = json.load(f)["traceEvents"]
-  gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-              and re.search(r"/device:GPU:0\b", str(e.get("args", {}).get("name", "")))}
+  gpu_pids = {
+    e["pid"]
+    for e in events
+    if e.get("ph") == "M"
+    and e.get("name") == "process_name"
+    and re.search(r"/device:GPU:0\b", str(e.get("args", {}).get("name", "")))
+  }
   kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e]
   if not kernels:
     raise ValueError(f"{trace_file} has no GPU:0 kernel events")
@@ -109,17 +118,21 @@ def summarize(trace_file: pathlib.Path, hlo_text: str, *, steps: int) -> dict:
   wall = intervals[-1][1] - intervals[0][0]
   ms = lambda us: us / 1e3 / steps  # noqa: E731 - trace times are microseconds
   return dict(
-      step_ms=ms(wall),
-      buckets={name: ms(us) for name, us in per_bucket.most_common()},
-      idle_ms=ms(wall - busy),
-      top_kernels=[(bucket, name, ms(us)) for (bucket, name), us in per_kernel.most_common(40)],
+    step_ms=ms(wall),
+    buckets={name: ms(us) for name, us in per_bucket.most_common()},
+    idle_ms=ms(wall - busy),
+    top_kernels=[(bucket, name, ms(us)) for (bucket, name), us in per_kernel.most_common(40)],
   )
 
 
 def format_summary(summary: dict) -> str:
   if "error" in summary:
     return f"no profile: {summary['error']}"
-  lines = [f"step {summary['step_ms']:.1f} ms (GPU wall, first to last kernel / steps)", "| where | ms/step | share |", "|---|---|---|"]
+  lines = [
+    f"step {summary['step_ms']:.1f} ms (GPU wall, first to last kernel / steps)",
+    "| where | ms/step | share |",
+    "|---|---|---|",
+  ]
   total = summary["step_ms"]
   for name, value in list(summary["buckets"].items()) + [("idle gaps", summary["idle_ms"])]:
     lines.append(f"| {name} | {value:.1f} | {100 * value / total:.1f}% |")

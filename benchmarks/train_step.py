@@ -64,7 +64,9 @@ class Args:
   parallel: int = 1  # configurations compiling at once (timed steps run alone, while nothing compiles)
   timeout_s: int = 400  # per configuration (compile and the wait for the GPU included)
   budget_s: int = 560  # all configurations together; the rest are skipped (a 600 s command limit)
-  profile_dir: str = ""  # trace each configuration's step (not the ablation variants) there and print where its time goes
+  profile_dir: str = (
+    ""  # trace each configuration's step (not the ablation variants) there and print where its time goes
+  )
   one: str = ""  # internal: run the configuration in this JSON and print its result
   gpu_lock: str = ""  # internal: the file whose lock grants the GPU for timed steps
 
@@ -72,11 +74,13 @@ class Args:
 def _configurations(args: Args) -> list[dict]:
   attns = args.attn or (("xla",) if args.tiny else ("pallas",))
   plain_attn = "xla" if args.tiny else "cudnn"
-  plain = [dict(step="plain", batch_size=b, remat="none", attn=plain_attn, layers="loop", variant="-", devices=1)
-           for b in args.plain_batch_sizes]
+  plain = [
+    dict(step="plain", batch_size=b, remat="none", attn=plain_attn, layers="loop", variant="-", devices=1)
+    for b in args.plain_batch_sizes
+  ]
   ours = [
-      dict(step="ours", batch_size=b, remat=r, attn=a, layers=l, variant="as_is", devices=args.devices)
-      for b, r, a, l in itertools.product(args.batch_sizes, args.remat, attns, args.layers)
+    dict(step="ours", batch_size=b, remat=r, attn=a, layers=l, variant="as_is", devices=args.devices)
+    for b, r, a, l in itertools.product(args.batch_sizes, args.remat, attns, args.layers)
   ]
   names = [name for name in ablations.VARIANTS if name != "as_is"] if args.ablation else list(args.variants)
   unknown = set(names) - set(ablations.VARIANTS)
@@ -97,8 +101,13 @@ def _train_config(args: Args, configuration: dict):
   else:
     model = MPTConfig(max_seq_len=max(2048, args.seq_len), **run)
   model = dataclasses.replace(model, scan_unroll=model.n_layers if layers == "unrolled" else 1)
-  config = TrainConfig(model=model, mesh=MeshConfig(fsdp=configuration["devices"]), seq_len=args.seq_len,
-                       global_batch_size=configuration["batch_size"] * configuration["devices"], steps=10_000)
+  config = TrainConfig(
+    model=model,
+    mesh=MeshConfig(fsdp=configuration["devices"]),
+    seq_len=args.seq_len,
+    global_batch_size=configuration["batch_size"] * configuration["devices"],
+    steps=10_000,
+  )
   return ablations.configure(config, configuration["variant"])
 
 
@@ -113,7 +122,9 @@ def _our_step(args: Args, configuration: dict):
   with jax.set_mesh(mesh):
     setup = trainer.make_setup(config, mesh)
     state = setup.init()
-    tokens = jax.random.randint(jax.random.key(0), (config.global_batch_size, config.seq_len), 0, config.model.vocab_size)
+    tokens = jax.random.randint(
+      jax.random.key(0), (config.global_batch_size, config.seq_len), 0, config.model.vocab_size
+    )
     batch = {"input_ids": jax.device_put(tokens.astype("int32"), sharding.batch_sharding(mesh))}
     step = setup.train_step.lower(state, batch).compile()
 
@@ -127,15 +138,19 @@ def _our_step(args: Args, configuration: dict):
 def _plain_step(args: Args, configuration: dict):
   """benchmarks/plain_step.py on one device, with the same return values as _our_step."""
   import jax
-
   import plain_step
+
   from mpt_jax.config import MPTConfig
 
   if args.tiny:
-    model = MPTConfig(d_model=128, n_heads=4, n_layers=2, vocab_size=512, max_seq_len=args.seq_len, attn_impl=configuration["attn"])
+    model = MPTConfig(
+      d_model=128, n_heads=4, n_layers=2, vocab_size=512, max_seq_len=args.seq_len, attn_impl=configuration["attn"]
+    )
   else:
     model = MPTConfig(max_seq_len=max(2048, args.seq_len), attn_impl=configuration["attn"])
-  tokens = jax.random.randint(jax.random.key(0), (configuration["batch_size"], args.seq_len), 0, model.vocab_size, dtype="int32")
+  tokens = jax.random.randint(
+    jax.random.key(0), (configuration["batch_size"], args.seq_len), 0, model.vocab_size, dtype="int32"
+  )
   init, step = plain_step.make_train_step(model)
   params, opt_state = init(jax.random.key(0))
   step = step.lower(params, opt_state, tokens).compile()
@@ -191,28 +206,31 @@ def _measure(args: Args, configuration: dict) -> dict:
   flops = metrics.flops_per_token(n_params, model.n_layers, model.d_model, args.seq_len)
   memory = device.memory_stats() or {}
   return dict(
-      status="ok",
-      tokens_per_s=tokens_per_s,
-      tokens_per_s_per_gpu=tokens_per_s / devices,
-      mfu=metrics.mfu(tokens_per_s, flops, devices, metrics.peak_flops(device.device_kind)),
-      step_time_s=step_time,
-      step_time_min_s=float(np.min(times)),
-      compile_s=compile_s,
-      peak_memory_gib=memory["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in memory else None,
-      loss=float(loss),
-      n_params=n_params,
-      card=device.device_kind,
-      jax=jax.__version__,
-      profile=profile,
+    status="ok",
+    tokens_per_s=tokens_per_s,
+    tokens_per_s_per_gpu=tokens_per_s / devices,
+    mfu=metrics.mfu(tokens_per_s, flops, devices, metrics.peak_flops(device.device_kind)),
+    step_time_s=step_time,
+    step_time_min_s=float(np.min(times)),
+    compile_s=compile_s,
+    peak_memory_gib=memory["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in memory else None,
+    loss=float(loss),
+    n_params=n_params,
+    card=device.device_kind,
+    jax=jax.__version__,
+    profile=profile,
   )
 
 
 def _profile(args: Args, configuration: dict, advance, carry, hlo: str) -> dict:
   import step_profile
 
-  name = "_".join(str(configuration[k]) for k in ("step", "batch_size", "remat", "attn", "layers", "variant", "devices"))
-  trace_file = step_profile.trace(lambda c: advance(c)[0], carry, pathlib.Path(args.profile_dir) / name,
-                                  steps=PROFILE_STEPS, compiled_text=hlo)
+  name = "_".join(
+    str(configuration[k]) for k in ("step", "batch_size", "remat", "attn", "layers", "variant", "devices")
+  )
+  trace_file = step_profile.trace(
+    lambda c: advance(c)[0], carry, pathlib.Path(args.profile_dir) / name, steps=PROFILE_STEPS, compiled_text=hlo
+  )
   try:
     return step_profile.summarize(trace_file, hlo, steps=PROFILE_STEPS)
   except ValueError as error:  # a trace without GPU kernels (CPU): the timing still stands
@@ -259,23 +277,40 @@ def _passthrough(args: Args) -> list[str]:
 def _table(rows: list[dict]) -> str:
   """One line per configuration; ablation variants also as the ms they add to the unchanged step."""
   variants = [r for r in rows if r["variant"] not in ("as_is", "-")]
-  base = next((r for r in rows if r["variant"] == "as_is" and variants and r["status"] == "ok"
-               and all(r[k] == variants[0][k] for k in ("batch_size", "devices"))), None)
-  header = (f"{'step':>5} {'GPUs':>4} {'batch':>5} {'remat':>9} {'attn':>6} {'layers':>8} {'variant':>16} "
-            f"{'tok/s/GPU':>10} {'MFU':>6} {'step ms':>8} {'vs base':>8} {'peak GiB':>8} {'compile s':>9}  status")
+  base = next(
+    (
+      r
+      for r in rows
+      if r["variant"] == "as_is"
+      and variants
+      and r["status"] == "ok"
+      and all(r[k] == variants[0][k] for k in ("batch_size", "devices"))
+    ),
+    None,
+  )
+  header = (
+    f"{'step':>5} {'GPUs':>4} {'batch':>5} {'remat':>9} {'attn':>6} {'layers':>8} {'variant':>16} "
+    f"{'tok/s/GPU':>10} {'MFU':>6} {'step ms':>8} {'vs base':>8} {'peak GiB':>8} {'compile s':>9}  status"
+  )
   lines = [header]
   for r in rows:
     ok = r["status"] == "ok"
     if ok:
       mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "-"
       memory = f"{r['peak_memory_gib']:8.2f}" if r["peak_memory_gib"] is not None else "-"
-      delta = f"{1e3 * (r['step_time_s'] - base['step_time_s']):+8.1f}" if base and (r in variants or r is base) else "-"
-      numbers = (f"{r['tokens_per_s_per_gpu']:>10,.0f} {mfu:>6} {1e3 * r['step_time_s']:8.1f} {delta:>8} {memory:>8} "
-                 f"{r['compile_s']:9.1f}")
+      delta = (
+        f"{1e3 * (r['step_time_s'] - base['step_time_s']):+8.1f}" if base and (r in variants or r is base) else "-"
+      )
+      numbers = (
+        f"{r['tokens_per_s_per_gpu']:>10,.0f} {mfu:>6} {1e3 * r['step_time_s']:8.1f} {delta:>8} {memory:>8} "
+        f"{r['compile_s']:9.1f}"
+      )
     else:
       numbers = f"{'-':>10} {'-':>6} {'-':>8} {'-':>8} {'-':>8} {'-':>9}"
-    lines.append(f"{r['step']:>5} {r['devices']:>4} {r['batch_size']:>5} {r['remat']:>9} {r['attn']:>6} {r['layers']:>8} "
-                 f"{r['variant']:>16} {numbers}  {r['status']}")
+    lines.append(
+      f"{r['step']:>5} {r['devices']:>4} {r['batch_size']:>5} {r['remat']:>9} {r['attn']:>6} {r['layers']:>8} "
+      f"{r['variant']:>16} {numbers}  {r['status']}"
+    )
   return "\n".join(lines)
 
 
@@ -284,8 +319,12 @@ def _write(rows: list[dict], args: Args) -> None:
     return
   path = pathlib.Path(os.environ["OUT"]) / "train_step.json"
   path.parent.mkdir(parents=True, exist_ok=True)
-  report = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(), args=dataclasses.asdict(args), rows=rows,
-                variants={name: v.what for name, v in ablations.VARIANTS.items()})
+  report = dict(
+    date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    args=dataclasses.asdict(args),
+    rows=rows,
+    variants={name: v.what for name, v in ablations.VARIANTS.items()},
+  )
   from mpt_jax.atomic import write_atomically
 
   write_atomically(path, json.dumps(report, indent=2))
@@ -295,16 +334,22 @@ def main(args: Args) -> None:
   configurations = _configurations(args)
   deadline = time.perf_counter() + args.budget_s
   rows = [None] * len(configurations)
-  with tempfile.NamedTemporaryFile(prefix="gpu-lock-") as lock, \
-       concurrent.futures.ThreadPoolExecutor(max(1, args.parallel)) as pool:
-    futures = {pool.submit(_run_one, args, c, deadline=deadline, gpu_lock=lock.name): i for i, c in enumerate(configurations)}
+  with (
+    tempfile.NamedTemporaryFile(prefix="gpu-lock-") as lock,
+    concurrent.futures.ThreadPoolExecutor(max(1, args.parallel)) as pool,
+  ):
+    futures = {
+      pool.submit(_run_one, args, c, deadline=deadline, gpu_lock=lock.name): i for i, c in enumerate(configurations)
+    }
     for future in concurrent.futures.as_completed(futures):
       rows[futures[future]] = future.result()
       print(_table([rows[futures[future]]]).splitlines()[1], flush=True)
       _write([r for r in rows if r is not None], args)
   first_ok = next((r for r in rows if r["status"] == "ok"), {})
-  print(f"\n{first_ok.get('card', 'unknown device')}, jax {first_ok.get('jax', '?')}, seq_len {args.seq_len}, "
-        f"median of {args.steps} steps after {args.warmup_steps} warm-up")
+  print(
+    f"\n{first_ok.get('card', 'unknown device')}, jax {first_ok.get('jax', '?')}, seq_len {args.seq_len}, "
+    f"median of {args.steps} steps after {args.warmup_steps} warm-up"
+  )
   print(_table(rows))
   if args.ablation:
     print("\nvariants: " + "; ".join(f"{name}: {v.what}" for name, v in ablations.VARIANTS.items()))
@@ -313,7 +358,9 @@ def main(args: Args) -> None:
 
     for r in rows:
       if r.get("profile"):
-        print(f"\nprofile: {r['step']} x{r['devices']} batch {r['batch_size']} {r['remat']} {r['attn']} {r['layers']} {r['variant']}")
+        print(
+          f"\nprofile: {r['step']} x{r['devices']} batch {r['batch_size']} {r['remat']} {r['attn']} {r['layers']} {r['variant']}"
+        )
         print(step_profile.format_summary(r["profile"]))
 
 

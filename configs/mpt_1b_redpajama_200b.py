@@ -30,9 +30,9 @@ N_LAYERS = MPTConfig().n_layers
 
 def get_config() -> TrainConfig:
   return TrainConfig(
-      model=MPTConfig(scan_unroll=N_LAYERS),
-      seq_len=2048,
-      global_batch_size=2200,
-      micro_batch_size=25,
-      steps=44_389,  # 200e9 / (2200 * 2048)
+    model=MPTConfig(scan_unroll=N_LAYERS),
+    seq_len=2048,
+    global_batch_size=2200,
+    micro_batch_size=25,
+    steps=44_389,  # 200e9 / (2200 * 2048)
   )

@@ -18,10 +18,10 @@ MODEL = MPTConfig(d_model=128, n_heads=4, n_layers=2, max_seq_len=128, vocab_siz
 
 def get_config() -> TrainConfig:
   return TrainConfig(
-      model=MODEL,
-      data=DataConfig(mixture="shakespeare"),  # embedded corpus, BPE trained on it (offline)
-      optim=dataclasses.replace(OptimConfig(), lr=3e-3, warmup_steps=20),
-      seq_len=128,
-      global_batch_size=16,
-      steps=200,
+    model=MODEL,
+    data=DataConfig(mixture="shakespeare"),  # embedded corpus, BPE trained on it (offline)
+    optim=dataclasses.replace(OptimConfig(), lr=3e-3, warmup_steps=20),
+    seq_len=128,
+    global_batch_size=16,
+    steps=200,
   )

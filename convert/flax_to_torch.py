@@ -21,11 +21,11 @@ from mpt_jax.convert import cli, write_pytorch  # noqa: E402
 
 
 def main(
-    src: Annotated[pathlib.Path, tyro.conf.Positional, tyro.conf.arg(metavar="SRC")],
-    dst: Annotated[pathlib.Path, tyro.conf.Positional, tyro.conf.arg(metavar="DST")],
-    layout: Literal["mosaic_gpt", "mpt"] = "mosaic_gpt",
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None,
-    write_bin: bool = False,
+  src: Annotated[pathlib.Path, tyro.conf.Positional, tyro.conf.arg(metavar="SRC")],
+  dst: Annotated[pathlib.Path, tyro.conf.Positional, tyro.conf.arg(metavar="DST")],
+  layout: Literal["mosaic_gpt", "mpt"] = "mosaic_gpt",
+  dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+  write_bin: bool = False,
 ) -> None:
   """Converts SRC (Flax) to DST (PyTorch).
 

@@ -15,15 +15,15 @@ import tyro
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from mpt_jax.atomic import refuse_existing  # noqa: E402
-from mpt_jax.model_folder import save_params  # noqa: E402
 from mpt_jax.convert import cli, read_pytorch  # noqa: E402
+from mpt_jax.model_folder import save_params  # noqa: E402
 
 
 def main(
-    src: Annotated[pathlib.Path, tyro.conf.Positional, tyro.conf.arg(metavar="SRC")],
-    dst: Annotated[pathlib.Path, tyro.conf.Positional, tyro.conf.arg(metavar="DST")],
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None,
-    scan_layers: bool = True,
+  src: Annotated[pathlib.Path, tyro.conf.Positional, tyro.conf.arg(metavar="SRC")],
+  dst: Annotated[pathlib.Path, tyro.conf.Positional, tyro.conf.arg(metavar="DST")],
+  dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+  scan_layers: bool = True,
 ) -> None:
   """Converts SRC (PyTorch) to DST (Flax).
 

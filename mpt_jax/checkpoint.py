@@ -30,15 +30,15 @@ from mpt_jax import integrity, resume
 from mpt_jax.config import MPTConfig, TrainConfig, dtype_name
 from mpt_jax.model import MPTForCausalLM
 from mpt_jax.model_folder import (
-    CONFIG_FILE,
-    PARAMS_DIR,
-    CheckpointError,
-    abstract_params,
-    model_from_params,
-    read_config,
-    read_model,
-    read_params,
-    relayout_blocks,
+  CONFIG_FILE,
+  PARAMS_DIR,
+  CheckpointError,
+  abstract_params,
+  model_from_params,
+  read_config,
+  read_model,
+  read_params,
+  relayout_blocks,
 )
 
 CHECKPOINT_DIR = "checkpoints"  # a training workdir's checkpoints
@@ -84,8 +84,8 @@ def _is_workdir(path: str | os.PathLike) -> bool:
   if (path / CHECKPOINT_DIR).is_dir():
     return True
   raise FileNotFoundError(
-      f"{path} is neither a model folder ({CONFIG_FILE} + {PARAMS_DIR}/, written by save_model or "
-      f"convert/torch_to_flax.py) nor a training workdir ({CHECKPOINT_DIR}/, written by train.py)"
+    f"{path} is neither a model folder ({CONFIG_FILE} + {PARAMS_DIR}/, written by save_model or "
+    f"convert/torch_to_flax.py) nor a training workdir ({CHECKPOINT_DIR}/, written by train.py)"
   )
 
 
@@ -115,11 +115,11 @@ class TrainCheckpointer:
     self._record = resume.record(config)
     self._committing = collections.deque()  # steps saved whose checksums are not written yet (process 0)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=config.checkpoint.keep_last,
-        keep_period=config.checkpoint.keep_every or None,
-        enable_async_checkpointing=True,  # also for async_save=False (then waited for): the commit callback needs it
-        async_options=ocp.AsyncOptions(post_finalization_callback=self._write_checksums),
-        create=True,
+      max_to_keep=config.checkpoint.keep_last,
+      keep_period=config.checkpoint.keep_every or None,
+      enable_async_checkpointing=True,  # also for async_save=False (then waited for): the commit callback needs it
+      async_options=ocp.AsyncOptions(post_finalization_callback=self._write_checksums),
+      create=True,
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -133,7 +133,7 @@ class TrainCheckpointer:
     if jax.process_index() == 0:
       self._committing.append(step)
     args = ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), config=ocp.args.JsonSave(self._record)
+      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), config=ocp.args.JsonSave(self._record)
     )
     with self._writing():
       self._manager.save(step, args=args, force=True)  # waits for the previous save: its error surfaces here
@@ -164,7 +164,9 @@ class TrainCheckpointer:
 
     def check(step, recorded):
       if recorded is None:
-        logging.warning("checkpoint of step %d records no TrainConfig (an older mpt-jax wrote it): config not checked", step)
+        logging.warning(
+          "checkpoint of step %d records no TrainConfig (an older mpt-jax wrote it): config not checked", step
+        )
       else:
         resume.check(recorded, self.config, where=f"{self.directory} holds step {step}")
 
@@ -203,8 +205,8 @@ class TrainCheckpointer:
       yield
     except Exception as e:
       raise CheckpointError(
-          f"could not write a checkpoint in {self.directory} ({integrity.describe_failure(e)}); the complete "
-          "checkpoints there are intact: once the cause is fixed, rerun the same command to resume from the newest"
+        f"could not write a checkpoint in {self.directory} ({integrity.describe_failure(e)}); the complete "
+        "checkpoints there are intact: once the cause is fixed, rerun the same command to resume from the newest"
       ) from e
 
   def close(self) -> None:
@@ -242,8 +244,13 @@ class _Found(NamedTuple):
   broken: dict[int, str]  # newer checkpoints passed over: step -> what is wrong with it
 
 
-def _newest_intact(manager: ocp.CheckpointManager, directory: pathlib.Path, *, restore: Callable[[int, dict | None], Any],
-                   check: Callable[[int, dict | None], None] = lambda step, recorded: None) -> _Found | None:
+def _newest_intact(
+  manager: ocp.CheckpointManager,
+  directory: pathlib.Path,
+  *,
+  restore: Callable[[int, dict | None], Any],
+  check: Callable[[int, dict | None], None] = lambda step, recorded: None,
+) -> _Found | None:
   """The newest usable checkpoint: None when there is none at all; CheckpointError naming each problem when none is usable.
 
   Tries the checkpoints newest first: checksums (on process 0; the others follow its verdict),
@@ -257,8 +264,11 @@ def _newest_intact(manager: ocp.CheckpointManager, directory: pathlib.Path, *, r
     problem = _verify(folder, step) if jax.process_index() == 0 else None
     if _everywhere(problem is None):
       try:
-        recorded = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config \
-            if (folder / CONFIG_ITEM).is_dir() else None
+        recorded = (
+          manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+          if (folder / CONFIG_ITEM).is_dir()
+          else None
+        )
       except Exception as e:
         problem = f"its {CONFIG_ITEM} cannot be read ({integrity.describe_failure(e)})"
     if _everywhere(problem is None):
@@ -281,7 +291,11 @@ def _newest_intact(manager: ocp.CheckpointManager, directory: pathlib.Path, *, r
 
 def _verify(folder: pathlib.Path, step: int) -> str | None:
   if not integrity.exists(folder):
-    logging.warning("checkpoint of step %d has no %s (an older mpt-jax wrote it, or it was deleted): not verified", step, integrity.MANIFEST)
+    logging.warning(
+      "checkpoint of step %d has no %s (an older mpt-jax wrote it, or it was deleted): not verified",
+      step,
+      integrity.MANIFEST,
+    )
     return None
   return integrity.verify(folder)
 

@@ -87,7 +87,9 @@ class MPTConfig:
     if not 0.0 < self.embedding_fraction <= 1.0:
       raise ValueError(f"MPTConfig.embedding_fraction must be in (0, 1], got {self.embedding_fraction}")
     if not isinstance(self.init_div_is_residual, bool) and not self.init_div_is_residual > 0:
-      raise ValueError(f"MPTConfig.init_div_is_residual must be a bool or a positive number, got {self.init_div_is_residual!r}")
+      raise ValueError(
+        f"MPTConfig.init_div_is_residual must be a bool or a positive number, got {self.init_div_is_residual!r}"
+      )
     _require_choice(self, "alibi_slope_rule", ("mosaic_gpt", "mpt"))
     _require_choice(self, "param_init_fn", INIT_FNS)
     _require_choice(self, "init_nonlinearity", NONLINEARITIES)
@@ -200,8 +202,12 @@ class MeshConfig:
     if [self.data, self.fsdp, self.tensor].count(-1) > 1:
       raise ValueError(f"MeshConfig: at most one of data, fsdp, tensor may be -1, got {self}")
     _check(self, "num_processes", lambda v: v is None or (_is_int(v) and v >= 1), "a positive integer or None")
-    _check(self, "process_id", lambda v: v is None or (_is_int(v) and v >= 0 and (self.num_processes is None or v < self.num_processes)),
-           f"None or an integer in [0, num_processes={self.num_processes})")
+    _check(
+      self,
+      "process_id",
+      lambda v: v is None or (_is_int(v) and v >= 0 and (self.num_processes is None or v < self.num_processes)),
+      f"None or an integer in [0, num_processes={self.num_processes})",
+    )
     _check(self, "coordinator_address", lambda v: v is None or v.rpartition(":")[2].isdigit(), '"host:port" or None')
 
 
@@ -219,9 +225,13 @@ class OptimConfig:
   grad_clip_norm: float = 1.0  # global-norm clipping threshold; <= 0 disables
 
   def __post_init__(self):
-    _check(self, "name", lambda v: v in ("decoupled_adamw", "decoupled_lionw"), "'decoupled_adamw' or 'decoupled_lionw'")
+    _check(
+      self, "name", lambda v: v in ("decoupled_adamw", "decoupled_lionw"), "'decoupled_adamw' or 'decoupled_lionw'"
+    )
     _check(self, "lr", lambda v: _is_number(v) and v > 0, "positive (the decoupled decay divides by it)")
-    _check(self, "betas", lambda v: len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1)")
+    _check(
+      self, "betas", lambda v: len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"
+    )
     _check(self, "eps", lambda v: _is_number(v) and v > 0, "a positive number")
     _check(self, "weight_decay", lambda v: _is_number(v) and v >= 0, "a number >= 0")
     _check(self, "warmup_steps", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
@@ -233,7 +243,9 @@ class OptimConfig:
 class DataConfig:
   """Training data (mpt_jax.data): a seqio Task or Mixture, prepared into packed token shards."""
 
-  mixture: str = "redpajama_llama"  # seqio Task/Mixture (mpt_jax.data.tasks): redpajama_llama, redpajama_<subset>, shakespeare
+  mixture: str = (
+    "redpajama_llama"  # seqio Task/Mixture (mpt_jax.data.tasks): redpajama_llama, redpajama_<subset>, shakespeare
+  )
   data_dir: str = ""  # RedPajama-1T root; subset files are found under it (tasks.REDPAJAMA_LAYOUT)
   source_patterns: tuple[str, ...] = ()  # "subset=glob" overrides, e.g. "c4=/data/c4/*.jsonl" or "c4=tfds:c4/en:3.1.0"
   tfds_data_dir: str = ""  # tensorflow-datasets data_dir of "tfds:" sources ("": TFDS's default)
@@ -260,7 +272,9 @@ class CheckpointConfig:
   async_save: bool = True  # write in the background while training continues
   init_from: str = ""  # a model folder (convert/torch_to_flax.py, model_folder.save_model) to fine-tune from
   max_consecutive_nonfinite: int = 10  # stop with an error after this many non-finite steps in a row; 0: never
-  allow_config_changes: bool = False  # resume although steps, LR schedule or optimizer settings changed (mpt_jax/resume.py); logged
+  allow_config_changes: bool = (
+    False  # resume although steps, LR schedule or optimizer settings changed (mpt_jax/resume.py); logged
+  )
 
   def __post_init__(self):
     for name in ("every_steps", "keep_every", "max_consecutive_nonfinite"):
@@ -314,11 +328,19 @@ class TrainConfig:
     _check(self, "workdir", lambda v: isinstance(v, str) and v, "a directory path")
     _check(self, "seed", _is_int, "an integer")
     # A row of T tokens makes T - 1 next-token predictions: one token predicts nothing.
-    _check(self, "seq_len", lambda v: _is_int(v) and 2 <= v <= self.model.max_seq_len,
-           f"an integer in [2, model.max_seq_len={self.model.max_seq_len}]")
+    _check(
+      self,
+      "seq_len",
+      lambda v: _is_int(v) and 2 <= v <= self.model.max_seq_len,
+      f"an integer in [2, model.max_seq_len={self.model.max_seq_len}]",
+    )
     _check(self, "global_batch_size", lambda v: _is_int(v) and v >= 1, "a positive integer")
-    _check(self, "micro_batch_size", lambda v: v is None or (_is_int(v) and 1 <= v <= self.global_batch_size),
-           f"None or an integer in [1, global_batch_size={self.global_batch_size}]")
+    _check(
+      self,
+      "micro_batch_size",
+      lambda v: v is None or (_is_int(v) and 1 <= v <= self.global_batch_size),
+      f"None or an integer in [1, global_batch_size={self.global_batch_size}]",
+    )
     _check(self, "steps", lambda v: _is_int(v) and v >= 1, "a positive integer")
     _check(self, "z_loss", lambda v: _is_number(v) and v >= 0, "a number >= 0")
     _check(self, "log_every", lambda v: _is_int(v) and v >= 1, "a positive integer")

@@ -41,12 +41,13 @@ from mpt_jax.config import Layout, MPTConfig, dtype_name
 from mpt_jax.hf_config import from_hf_dict, hf_layout, to_hf_dict
 from mpt_jax.model import MPTForCausalLM
 from mpt_jax.model_folder import abstract_params, model_from_params
+
 TIED_HEAD = "lm_head.weight"  # transformers' MptForCausalLM: the same tensor as transformer.wte.weight
 # PyTorch Linear weights are [out, in]; our kernels are [in, ...] ([D, 3, N, H], [N, H, D], [D, F], [F, D]).
 TRANSPOSED = ("qkv_proj", "out_proj", "up_proj", "down_proj")
 _BLOCK_NAMES = {  # our name inside a block -> PyTorch module name, per layout
-    "mosaic_gpt": {"ln_1": "ln_1", "ln_2": "ln_2", "up_proj": "mlp.mlp_up", "down_proj": "mlp.mlp_down"},
-    "mpt": {"ln_1": "norm_1", "ln_2": "norm_2", "up_proj": "ffn.up_proj", "down_proj": "ffn.down_proj"},
+  "mosaic_gpt": {"ln_1": "ln_1", "ln_2": "ln_2", "up_proj": "mlp.mlp_up", "down_proj": "mlp.mlp_down"},
+  "mpt": {"ln_1": "norm_1", "ln_2": "norm_2", "up_proj": "ffn.up_proj", "down_proj": "ffn.down_proj"},
 }
 _FINAL_NORM = {"mosaic_gpt": "transformer.ln_f.weight", "mpt": "transformer.norm_f.weight"}
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -97,25 +98,25 @@ def tensor_groups(config: MPTConfig, layout: Layout) -> list[tuple[str, list[Ten
   def block(i):
     prefix = f"transformer.blocks.{i}"
     tensors = [
-        TensorMap(f"{prefix}.{names['ln_1']}.weight", ("blocks", i, "ln_1", "scale"), (d,)),
-        TensorMap(f"{prefix}.attn.Wqkv.weight", ("blocks", i, "attn", "qkv_proj"), (3 * d, d)),
+      TensorMap(f"{prefix}.{names['ln_1']}.weight", ("blocks", i, "ln_1", "scale"), (d,)),
+      TensorMap(f"{prefix}.attn.Wqkv.weight", ("blocks", i, "attn", "qkv_proj"), (3 * d, d)),
     ]
     if config.attn_qk_ln:
       tensors += [
-          TensorMap(f"{prefix}.attn.q_ln.weight", ("blocks", i, "attn", "q_ln", "scale"), (d,)),
-          TensorMap(f"{prefix}.attn.k_ln.weight", ("blocks", i, "attn", "k_ln", "scale"), (d,)),
+        TensorMap(f"{prefix}.attn.q_ln.weight", ("blocks", i, "attn", "q_ln", "scale"), (d,)),
+        TensorMap(f"{prefix}.attn.k_ln.weight", ("blocks", i, "attn", "k_ln", "scale"), (d,)),
       ]
     return tensors + [
-        TensorMap(f"{prefix}.attn.out_proj.weight", ("blocks", i, "attn", "out_proj"), (d, d)),
-        TensorMap(f"{prefix}.{names['ln_2']}.weight", ("blocks", i, "ln_2", "scale"), (d,)),
-        TensorMap(f"{prefix}.{names['up_proj']}.weight", ("blocks", i, "mlp", "up_proj"), (f, d)),
-        TensorMap(f"{prefix}.{names['down_proj']}.weight", ("blocks", i, "mlp", "down_proj"), (d, f)),
+      TensorMap(f"{prefix}.attn.out_proj.weight", ("blocks", i, "attn", "out_proj"), (d, d)),
+      TensorMap(f"{prefix}.{names['ln_2']}.weight", ("blocks", i, "ln_2", "scale"), (d,)),
+      TensorMap(f"{prefix}.{names['up_proj']}.weight", ("blocks", i, "mlp", "up_proj"), (f, d)),
+      TensorMap(f"{prefix}.{names['down_proj']}.weight", ("blocks", i, "mlp", "down_proj"), (d, f)),
     ]
 
   return [
-      ("embedding", [TensorMap("transformer.wte.weight", ("wte",), (config.vocab_size, d))]),
-      *[(f"block {i}", block(i)) for i in range(config.n_layers)],
-      ("final norm", [TensorMap(_FINAL_NORM[layout], ("ln_f", "scale"), (d,))]),
+    ("embedding", [TensorMap("transformer.wte.weight", ("wte",), (config.vocab_size, d))]),
+    *[(f"block {i}", block(i)) for i in range(config.n_layers)],
+    ("final norm", [TensorMap(_FINAL_NORM[layout], ("ln_f", "scale"), (d,))]),
   ]
 
 
@@ -135,8 +136,9 @@ def _layer_slot(params: dict, path: tuple, scan_layers: bool) -> np.ndarray:
 # ------------------------------------------------------------------------------ PyTorch -> ours
 
 
-def read_pytorch(path: str | os.PathLike, dtype: DTypeLike | None = None, *, scan_layers: bool = True,
-                 progress: bool = False) -> tuple[MPTConfig, dict]:
+def read_pytorch(
+  path: str | os.PathLike, dtype: DTypeLike | None = None, *, scan_layers: bool = True, progress: bool = False
+) -> tuple[MPTConfig, dict]:
   """The config and host (numpy) parameters of a PyTorch MPT checkpoint.
 
   Args:
@@ -174,7 +176,9 @@ def read_pytorch(path: str | os.PathLike, dtype: DTypeLike | None = None, *, sca
   return config, params
 
 
-def load_pytorch(path: str | os.PathLike, dtype: DTypeLike | None = None, *, config_overrides: dict[str, Any] | None = None) -> MPTForCausalLM:
+def load_pytorch(
+  path: str | os.PathLike, dtype: DTypeLike | None = None, *, config_overrides: dict[str, Any] | None = None
+) -> MPTForCausalLM:
   """An MPTForCausalLM holding a PyTorch MPT checkpoint's weights (see read_pytorch).
 
   Args:
@@ -198,8 +202,8 @@ def _check_keys(groups, meta: dict[str, tuple], config: MPTConfig, layout: Layou
   missing, unexpected = sorted(expected.keys() - found), sorted(found - expected.keys())
   if missing or unexpected:
     raise ConversionError(
-        f"{where}: keys do not match config.json ({layout} layout, {config.n_layers=}, {config.attn_qk_ln=}): "
-        f"missing {_head(missing)}, unexpected {_head(unexpected)}"
+      f"{where}: keys do not match config.json ({layout} layout, {config.n_layers=}, {config.attn_qk_ln=}): "
+      f"missing {_head(missing)}, unexpected {_head(unexpected)}"
     )
   shapes = {key: t.torch_shape for key, t in expected.items()}
   if TIED_HEAD in meta:
@@ -223,22 +227,28 @@ def _source_dtype(meta: dict[str, tuple], where: str) -> str:
 # ------------------------------------------------------------------------------ ours -> PyTorch
 
 
-def save_pytorch(model: MPTForCausalLM, out_dir: str | os.PathLike, layout: Layout = "mosaic_gpt", dtype: DTypeLike | None = None,
-                 *, write_bin: bool = False) -> None:
+def save_pytorch(
+  model: MPTForCausalLM,
+  out_dir: str | os.PathLike,
+  layout: Layout = "mosaic_gpt",
+  dtype: DTypeLike | None = None,
+  *,
+  write_bin: bool = False,
+) -> None:
   """Writes ``model`` as a PyTorch checkpoint folder (see write_pytorch)."""
   params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   write_pytorch(model.config, params, out_dir, layout, dtype, write_bin=write_bin)
 
 
 def write_pytorch(
-    config: MPTConfig,
-    params: dict,
-    out_dir: str | os.PathLike,
-    layout: Layout = "mosaic_gpt",
-    dtype: DTypeLike | None = None,
-    *,
-    write_bin: bool = False,
-    progress: bool = False,
+  config: MPTConfig,
+  params: dict,
+  out_dir: str | os.PathLike,
+  layout: Layout = "mosaic_gpt",
+  dtype: DTypeLike | None = None,
+  *,
+  write_bin: bool = False,
+  progress: bool = False,
 ) -> None:
   """Writes config.json + model.safetensors (+ pytorch_model.bin) into the new folder ``out_dir``.
 
@@ -252,8 +262,8 @@ def write_pytorch(
   dtype = None if dtype is None else dtype_name(dtype)
   if layout == "mpt" and config.attn_qk_ln:
     raise ConversionError(
-        "cannot export a QK-LN model (attn_qk_ln=True) to the 'mpt' layout: transformers' MptForCausalLM "
-        "has no q_ln/k_ln and would silently drop them; use layout='mosaic_gpt'"
+      "cannot export a QK-LN model (attn_qk_ln=True) to the 'mpt' layout: transformers' MptForCausalLM "
+      "has no q_ln/k_ln and would silently drop them; use layout='mosaic_gpt'"
     )
   try:
     hf = to_hf_dict(config, layout)
@@ -261,7 +271,9 @@ def write_pytorch(
     raise ConversionError(str(e)) from e
   groups = tensor_groups(config, layout)
   tensors = [t for _, group in groups for t in group]
-  entries = [(t.torch_key, t.torch_shape, dtype or str(_layer_slot(params, t.path, config.scan_layers).dtype)) for t in tensors]
+  entries = [
+    (t.torch_key, t.torch_shape, dtype or str(_layer_slot(params, t.path, config.scan_layers).dtype)) for t in tensors
+  ]
   hf["torch_dtype"] = entries[0][2]
 
   def torch_tensors() -> Iterator[torch.Tensor]:
@@ -269,7 +281,9 @@ def write_pytorch(
     for _, group in tqdm(groups, desc=f"writing {out_dir}", unit="group", disable=not progress):
       for t in group:
         _, shape, out_dtype = next(out)
-        yield t.copy_to_torch(_layer_slot(params, t.path, config.scan_layers), torch.empty(shape, dtype=_TORCH_DTYPES[out_dtype]))
+        yield t.copy_to_torch(
+          _layer_slot(params, t.path, config.scan_layers), torch.empty(shape, dtype=_TORCH_DTYPES[out_dtype])
+        )
 
   with atomic_directory(out_dir) as tmp:
     (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
@@ -278,7 +292,9 @@ def write_pytorch(
       torch.save({key: t for (key, _, _), t in zip(entries, torch_tensors())}, tmp / "pytorch_model.bin")
 
 
-def _write_safetensors(file: pathlib.Path, entries: list[tuple[str, tuple, str]], tensors: Iterator[torch.Tensor]) -> None:
+def _write_safetensors(
+  file: pathlib.Path, entries: list[tuple[str, tuple, str]], tensors: Iterator[torch.Tensor]
+) -> None:
   """The safetensors format written one tensor at a time (safetensors' own writers need every tensor at once).
 
   Format: 8-byte little-endian header size, JSON header {key: {dtype, shape, data_offsets}},
@@ -330,7 +346,9 @@ def _open_weights(file: pathlib.Path) -> Iterator[dict[str, _Entry]]:
     except ConversionError:
       raise
     except Exception as e:  # torch, zipfile and safetensors each raise their own types for damaged files
-      raise ConversionError(f"{file}: not a readable checkpoint file, truncated or corrupted? ({type(e).__name__}: {e})") from e
+      raise ConversionError(
+        f"{file}: not a readable checkpoint file, truncated or corrupted? ({type(e).__name__}: {e})"
+      ) from e
     for key, entry in entries.items():
       if entry.dtype is None:
         raise ConversionError(f"{file}: {key} has an unsupported dtype; expected float32, bfloat16 or float16")
@@ -350,7 +368,9 @@ def _safetensors_entries(file: pathlib.Path, stack: contextlib.ExitStack) -> dic
 def _pickle_entries(file: pathlib.Path) -> dict[str, _Entry]:
   """torch.load with weights_only (no arbitrary objects) and mmap (data read on access)."""
   state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-  if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+  if not isinstance(state, dict) or not all(
+    isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+  ):
     raise ConversionError(f"{file}: expected a state dict (str -> torch.Tensor), found {_describe(state)}")
   return {k: _Entry(tuple(v.shape), _FROM_TORCH.get(v.dtype), lambda v=v: v) for k, v in state.items()}
 

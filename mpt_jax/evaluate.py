@@ -58,7 +58,9 @@ def _run(args: Args) -> dict[str, dict]:
   from mpt_jax.data.tokenizer import Tokenizer
 
   if args.batch_size < 1 or args.max_examples < 0:
-    raise ValueError(f"--batch-size must be >= 1 and --max-examples >= 0, got {args.batch_size} and {args.max_examples}")
+    raise ValueError(
+      f"--batch-size must be >= 1 and --max-examples >= 0, got {args.batch_size} and {args.max_examples}"
+    )
   tasks = _read_tasks(args)  # every task file checked before the model loads
   if not pathlib.Path(args.model).exists():
     raise FileNotFoundError(f"--model {args.model} does not exist: give a model folder or a training workdir")
@@ -73,10 +75,22 @@ def _run(args: Args) -> dict[str, dict]:
     start = time.perf_counter()
     if kind == "icl":
       spec, examples = task
-      result = icl.evaluate_task(model, spec, examples, tokenizer, seed=args.seed, batch_size=args.batch_size,
-                                 max_length=seq_len, limit=args.max_examples)
-      metrics = dict(type=spec.type, num_fewshot=spec.num_fewshot, continuation_delimiter=spec.continuation_delimiter,
-                     **result.metrics)
+      result = icl.evaluate_task(
+        model,
+        spec,
+        examples,
+        tokenizer,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        max_length=seq_len,
+        limit=args.max_examples,
+      )
+      metrics = dict(
+        type=spec.type,
+        num_fewshot=spec.num_fewshot,
+        continuation_delimiter=spec.continuation_delimiter,
+        **result.metrics,
+      )
     else:
       rows = _text_rows(kind, task, seq_len, tokenizer, args.seqio_data_dir)
       if args.max_examples:
@@ -99,7 +113,9 @@ def _read_tasks(args: Args) -> dict[str, tuple[str, object]]:
     elif _is_text_file(entry):
       name, task = pathlib.Path(entry).stem, ("text", entry)
     else:
-      spec = icl.task_spec(entry, args.data_dir, num_fewshot=args.num_fewshot, continuation_delimiter=args.continuation_delimiter)
+      spec = icl.task_spec(
+        entry, args.data_dir, num_fewshot=args.num_fewshot, continuation_delimiter=args.continuation_delimiter
+      )
       name, task = spec.name, ("icl", (spec, icl.read_examples(spec)))
     if name in tasks:
       raise ValueError(f"task {name!r} is given twice in --tasks")
@@ -132,20 +148,29 @@ def _text_rows(kind: str, task: str, seq_len: int, tokenizer, seqio_data_dir: st
 
 def _table(results: dict[str, dict]) -> str:
   """One line per task; count is examples (ICL) or predicted tokens (perplexity)."""
-  lines = [f"{'task':<24} {'type':<18} {'shots':>5} {'count':>9} {'accuracy':>8} {'acc/token':>9} {'loss':>7} {'ppl':>9} {'s':>7}"]
+  lines = [
+    f"{'task':<24} {'type':<18} {'shots':>5} {'count':>9} {'accuracy':>8} {'acc/token':>9} {'loss':>7} {'ppl':>9} {'s':>7}"
+  ]
   for name, r in results.items():
     number = lambda key, fmt: format(r[key], fmt) if key in r else "-"
     count = r.get("examples", r.get("tokens"))
-    lines.append(f"{name:<24} {r['type']:<18} {number('num_fewshot', 'd'):>5} {count:>9} {number('accuracy', '.4f'):>8} "
-                 f"{number('accuracy_per_token', '.4f'):>9} {number('loss', '.4f'):>7} {number('perplexity', '.3f'):>9} "
-                 f"{r['seconds']:>7.1f}")
+    lines.append(
+      f"{name:<24} {r['type']:<18} {number('num_fewshot', 'd'):>5} {count:>9} {number('accuracy', '.4f'):>8} "
+      f"{number('accuracy_per_token', '.4f'):>9} {number('loss', '.4f'):>7} {number('perplexity', '.3f'):>9} "
+      f"{r['seconds']:>7.1f}"
+    )
   return "\n".join(lines)
 
 
 def _write_json(args: Args, results: dict[str, dict]) -> None:
   """Written to a temp file and renamed: a crash leaves no half-written results."""
-  report = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(), model=args.model, tokenizer=args.tokenizer,
-                seed=args.seed, tasks=results)
+  report = dict(
+    date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    model=args.model,
+    tokenizer=args.tokenizer,
+    seed=args.seed,
+    tasks=results,
+  )
   write_atomically(args.output, json.dumps(report, indent=2) + "\n")
 
 

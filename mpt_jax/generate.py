@@ -79,9 +79,19 @@ class Generator:
     self.config = model.config
     self._graphdef, self._state = nnx.split(_decoding_model(model))
 
-  def __call__(self, prompts, *, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-               eos_id: int | None = None, rng=None, stream: Callable[[np.ndarray], None] | None = None,
-               cache_length: int | None = None) -> list[np.ndarray]:
+  def __call__(
+    self,
+    prompts,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_id: int | None = None,
+    rng=None,
+    stream: Callable[[np.ndarray], None] | None = None,
+    cache_length: int | None = None,
+  ) -> list[np.ndarray]:
     """The new tokens of each prompt; see ``generate``.
 
     ``cache_length`` is the KV cache's positions; None: the longest prompt plus max_new_tokens,
@@ -94,8 +104,10 @@ class Generator:
     longest = max(len(p) for p in prompts)
     for i, prompt in enumerate(prompts):
       if len(prompt) + max_new_tokens > c.max_seq_len:
-        raise ValueError(f"prompt {i} has {len(prompt)} tokens: with max_new_tokens={max_new_tokens} that is "
-                         f"{len(prompt) + max_new_tokens} > max_seq_len={c.max_seq_len}")
+        raise ValueError(
+          f"prompt {i} has {len(prompt)} tokens: with max_new_tokens={max_new_tokens} that is "
+          f"{len(prompt) + max_new_tokens} > max_seq_len={c.max_seq_len}"
+        )
     if not (math.isfinite(temperature) and temperature >= 0):
       raise ValueError(f"temperature must be 0 (greedy) or positive, got {temperature=}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
@@ -111,21 +123,34 @@ class Generator:
     if cache_length is None:
       cache_length = min(_round_up(needed, CACHE_ROUNDING), c.max_seq_len)
     elif not needed <= cache_length <= c.max_seq_len:
-      raise ValueError(f"cache_length={cache_length} must be in [{needed}, max_seq_len={c.max_seq_len}] for these prompts")
+      raise ValueError(
+        f"cache_length={cache_length} must be in [{needed}, max_seq_len={c.max_seq_len}] for these prompts"
+      )
     tokens = np.zeros((len(prompts), padded_length), np.int32)  # right-padded
     for row, prompt in zip(tokens, prompts):
       row[: len(prompt)] = prompt
     lengths = np.array([len(p) for p in prompts], np.int32)
     static = _Static(self._graphdef, float(temperature), top_k, float(top_p), stream)
     rng = jax.random.key(0) if rng is None else rng
-    out, steps = _decode_loop(static, cache_length, self._state, tokens, lengths, rng, max_new_tokens,
-                              -1 if eos_id is None else eos_id)
+    out, steps = _decode_loop(
+      static, cache_length, self._state, tokens, lengths, rng, max_new_tokens, -1 if eos_id is None else eos_id
+    )
     out = np.asarray(out)[:, : int(steps)]
     return [_until_eos(row, eos_id) for row in out]
 
 
-def generate(model: MPTForCausalLM, prompts, *, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, eos_id: int | None = None, rng=None, stream=None) -> list[np.ndarray]:
+def generate(
+  model: MPTForCausalLM,
+  prompts,
+  *,
+  max_new_tokens: int,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  eos_id: int | None = None,
+  rng=None,
+  stream=None,
+) -> list[np.ndarray]:
   """Samples a continuation of each prompt with a KV cache, in one compiled loop.
 
   Args:
@@ -143,8 +168,16 @@ def generate(model: MPTForCausalLM, prompts, *, max_new_tokens: int, temperature
   Returns:
     Per prompt, int32 [n] with n <= max_new_tokens: the sampled tokens, ending at EOS if it came.
   """
-  return Generator(model)(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                          eos_id=eos_id, rng=rng, stream=stream)
+  return Generator(model)(
+    prompts,
+    max_new_tokens=max_new_tokens,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+    eos_id=eos_id,
+    rng=rng,
+    stream=stream,
+  )
 
 
 def _check_prompts(prompts, vocab_size: int) -> list[np.ndarray]:
@@ -162,8 +195,10 @@ def _check_prompts(prompts, vocab_size: int) -> list[np.ndarray]:
       raise ValueError(f"prompt {i} must be a non-empty sequence of integer token ids, got {prompt!r:.80}")
     bad = np.flatnonzero((ids < 0) | (ids >= vocab_size))
     if bad.size:
-      raise ValueError(f"prompt {i} has token id {int(ids[bad[0]])} at position {int(bad[0])}: "
-                       f"ids must be in [0, vocab_size={vocab_size})")
+      raise ValueError(
+        f"prompt {i} has token id {int(ids[bad[0]])} at position {int(bad[0])}: "
+        f"ids must be in [0, vocab_size={vocab_size})"
+      )
     checked.append(ids.astype(np.int32))
   return checked
 
@@ -296,8 +331,14 @@ def _run(args: Args) -> list[str]:
   if stream:
     print(texts[0], end="", flush=True)
   new_tokens = Generator(model)(
-      prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-      eos_id=eos_id, rng=jax.random.key(args.seed), stream=stream,
+    prompts,
+    max_new_tokens=args.max_new_tokens,
+    temperature=args.temperature,
+    top_k=args.top_k,
+    top_p=args.top_p,
+    eos_id=eos_id,
+    rng=jax.random.key(args.seed),
+    stream=stream,
   )
   completions = [tokenizer.decode(t[:-1] if t[-1] == eos_id else t) for t in new_tokens]
   if stream:
@@ -311,8 +352,10 @@ def _run(args: Args) -> list[str]:
 def check_vocabulary(tokenizer_size: int, vocab_size: int, tokenizer_path: str) -> None:
   """A tokenizer may use fewer ids than the model has rows (50277 of 50432), never more."""
   if tokenizer_size > vocab_size:
-    raise ValueError(f"tokenizer {tokenizer_path} has {tokenizer_size} ids but the model's vocab_size is {vocab_size}: "
-                     "it is not the tokenizer this model was trained with")
+    raise ValueError(
+      f"tokenizer {tokenizer_path} has {tokenizer_size} ids but the model's vocab_size is {vocab_size}: "
+      "it is not the tokenizer this model was trained with"
+    )
 
 
 class _TextStream:

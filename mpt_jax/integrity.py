@@ -18,6 +18,7 @@ import pathlib
 import sys
 
 from mpt_jax.atomic import write_atomically
+
 MANIFEST = "checksums.json"
 _CHUNK = 16 << 20
 
@@ -55,7 +56,9 @@ def verify(directory: str | os.PathLike) -> str | None:
 
 
 def _files(directory: pathlib.Path) -> list[str]:
-  return sorted(str(p.relative_to(directory)) for sub in directory.iterdir() if sub.is_dir() for p in sub.rglob("*") if p.is_file())
+  return sorted(
+    str(p.relative_to(directory)) for sub in directory.iterdir() if sub.is_dir() for p in sub.rglob("*") if p.is_file()
+  )
 
 
 def _digests(directory: pathlib.Path, names: list[str]) -> list[list]:

@@ -39,13 +39,17 @@ class WorkdirLock:
     except BlockingIOError:
       holder = os.read(fd, 4096).decode(errors="replace")
       os.close(fd)
-      raise WorkdirLocked(f"{self.path.parent} is in use by {_describe(holder)}; wait for it to end, or use another --workdir") from None
+      raise WorkdirLocked(
+        f"{self.path.parent} is in use by {_describe(holder)}; wait for it to end, or use another --workdir"
+      ) from None
     except OSError as e:
       if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
         os.close(fd)
         raise
       logging.warning("cannot lock %s on this filesystem (%s): make sure no other run uses this workdir", self.path, e)
-    holder = dict(host=socket.gethostname(), pid=os.getpid(), started=datetime.datetime.now().isoformat(timespec="seconds"))
+    holder = dict(
+      host=socket.gethostname(), pid=os.getpid(), started=datetime.datetime.now().isoformat(timespec="seconds")
+    )
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
     self._fd = fd

@@ -46,8 +46,16 @@ def cross_entropy(logits, targets):
   return logsumexp - target_logits, logsumexp
 
 
-def head_cross_entropy(hidden, embedding, targets, weights, *, z_loss: float = 0.0, logit_scale: float | None = None,
-                       chunk_positions: int = CHUNK_POSITIONS):
+def head_cross_entropy(
+  hidden,
+  embedding,
+  targets,
+  weights,
+  *,
+  z_loss: float = 0.0,
+  logit_scale: float | None = None,
+  chunk_positions: int = CHUNK_POSITIONS,
+):
   """sum(weights * (cross-entropy + z_loss * logsumexp^2)) of the tied head's logits.
 
   The logits are ``logit_scale * hidden @ embedding^T`` with bfloat16-rounded operands (as
@@ -68,8 +76,13 @@ def head_cross_entropy(hidden, embedding, targets, weights, *, z_loss: float = 0
     cross-entropy) without the z-loss, for logging (not differentiated).
   """
   objective, cross_entropy_sum = _head_cross_entropy(
-      hidden, embedding, targets, weights, float(z_loss), 1.0 if logit_scale is None else float(logit_scale),
-      _chunk_count(hidden.shape[1], chunk_positions),
+    hidden,
+    embedding,
+    targets,
+    weights,
+    float(z_loss),
+    1.0 if logit_scale is None else float(logit_scale),
+    _chunk_count(hidden.shape[1], chunk_positions),
   )
   return objective, jax.lax.stop_gradient(cross_entropy_sum)
 
@@ -112,8 +125,8 @@ def _objective(ce, lse, weights, z_loss):
 def _head_cross_entropy(hidden, embedding, targets, weights, z_loss, scale, chunks):
   weight = embedding.astype(hidden.dtype)
   ce, lse = jax.lax.map(
-      lambda args: _chunk_losses(args[0], weight, args[1], scale, with_logit_grads=False),
-      (_chunked(hidden, chunks), _chunked(targets, chunks)),
+    lambda args: _chunk_losses(args[0], weight, args[1], scale, with_logit_grads=False),
+    (_chunked(hidden, chunks), _chunked(targets, chunks)),
   )
   return _objective(_unchunked(ce), _unchunked(lse), weights, z_loss)
 
@@ -132,7 +145,8 @@ def _head_cross_entropy_fwd(hidden, embedding, targets, weights, z_loss, scale, 
 
   zeros = jnp.zeros(embedding.shape, jnp.float32)
   d_embedding, (ce, lse, d_hidden) = jax.lax.scan(
-      chunk, zeros, (_chunked(hidden, chunks), _chunked(targets, chunks), _chunked(weights, chunks)))
+    chunk, zeros, (_chunked(hidden, chunks), _chunked(targets, chunks), _chunked(weights, chunks))
+  )
   objective = _objective(_unchunked(ce), _unchunked(lse), weights, z_loss)
   return objective, (_unchunked(d_hidden), d_embedding.astype(embedding.dtype))
 

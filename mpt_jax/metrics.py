@@ -16,6 +16,7 @@ import shutil
 import time
 
 from mpt_jax.atomic import atomic_file, write_atomically
+
 # Dense bf16 peak per device (Composer's speed_monitor.py). H200 is the H100 die with more memory.
 PEAK_FLOPS = {"H100": 989.5e12, "H200": 989.5e12, "A100": 312e12}
 
@@ -115,8 +116,10 @@ def plot_loss(metrics_file: pathlib.Path, path: pathlib.Path) -> None:
   history: dict[int, dict] = {}
   for record in map(json.loads, metrics_file.read_text().splitlines()):
     history.setdefault(record["step"], {}).update(record)
-  curves = {label: [(step, history[step][key]) for step in sorted(history) if key in history[step]]
-            for label, key in (("train", "loss"), ("held-out", "eval/loss"))}
+  curves = {
+    label: [(step, history[step][key]) for step in sorted(history) if key in history[step]]
+    for label, key in (("train", "loss"), ("held-out", "eval/loss"))
+  }
   if not curves["train"]:
     return
   import matplotlib

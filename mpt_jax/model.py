@@ -30,8 +30,8 @@ from mpt_jax.config import MPTConfig
 _KERNEL_AXES = MeshAxes(batch=sharding.BATCH_AXES, heads=sharding.LOGICAL_RULES["heads"])
 
 REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -46,9 +46,9 @@ def _weight_init(config: MPTConfig, fan_in: int, fan_out: int, *, residual: bool
     std = config.init_std
   else:  # kaiming_normal_, torch.nn.init.calculate_gain semantics
     gain = {
-        "relu": math.sqrt(2.0),
-        "leaky_relu": math.sqrt(2.0 / (1.0 + config.init_gain**2)),
-        "linear": 1.0,
+      "relu": math.sqrt(2.0),
+      "leaky_relu": math.sqrt(2.0 / (1.0 + config.init_gain**2)),
+      "linear": 1.0,
     }[config.init_nonlinearity]
     std = gain / math.sqrt(fan_in if config.fan_mode == "fan_in" else fan_out)
   if residual:
@@ -83,8 +83,14 @@ class LayerNorm(nnx.Module):
 
 def _layer_norm(config: MPTConfig, *, rngs: nnx.Rngs, dtype=None) -> LayerNorm:
   norm_dtype = config.dtype if config.low_precision_layernorm else jnp.float32
-  return LayerNorm(config.d_model, eps=config.layer_norm_eps, dtype=dtype or norm_dtype, param_dtype=config.param_dtype,
-                   impl=config.norm_impl, rngs=rngs)
+  return LayerNorm(
+    config.d_model,
+    eps=config.layer_norm_eps,
+    dtype=dtype or norm_dtype,
+    param_dtype=config.param_dtype,
+    impl=config.norm_impl,
+    rngs=rngs,
+  )
 
 
 class Attention(nnx.Module):
@@ -94,7 +100,9 @@ class Attention(nnx.Module):
     self.config = config
     d, n, h = config.d_model, config.n_heads, config.head_dim
     # torch's Wqkv [3D, D] is initialized per q/k/v slice, each with fan_in = fan_out = D.
-    self.qkv_proj = _param(_weight_init(config, d, d), rngs, (d, 3, n, h), config.param_dtype, ("embed", None, "heads", "head_dim"))
+    self.qkv_proj = _param(
+      _weight_init(config, d, d), rngs, (d, 3, n, h), config.param_dtype, ("embed", None, "heads", "head_dim")
+    )
     if config.attn_qk_ln:
       # Plain nn.LayerNorm over all heads jointly; the output goes back to the q/k dtype.
       self.q_ln = _layer_norm(config, rngs=rngs, dtype=config.dtype)
@@ -122,8 +130,18 @@ class Attention(nnx.Module):
     slopes = alibi_slopes(c.n_heads, c.alibi_bias_max, c.alibi_slope_rule)
     if cache is not None:  # the queries attend to the whole cache, at their positions
       cache = k, v = tuple(_write_cache(old, new, position) for old, new in zip(cache, (k, v)))
-    out = dot_product_attention(q, k, v, slopes=slopes, segment_ids=segment_ids, causal=True, scale=c.softmax_scale,
-                                impl=c.attn_impl, q_offset=position, axes=_KERNEL_AXES)
+    out = dot_product_attention(
+      q,
+      k,
+      v,
+      slopes=slopes,
+      segment_ids=segment_ids,
+      causal=True,
+      scale=c.softmax_scale,
+      impl=c.attn_impl,
+      q_offset=position,
+      axes=_KERNEL_AXES,
+    )
     return jnp.einsum("BTNH,NHD->BTD", out, self.out_proj[...].astype(c.dtype)), cache
 
 
@@ -281,7 +299,9 @@ class MPTForCausalLM(nnx.Module):
       apply_block = jax.checkpoint(apply_block, policy=REMAT_POLICIES[self.config.remat], prevent_cse=False)
     if self.config.scan_layers:
       graphdef, stacked = nnx.split(self.blocks)
-      x, cache = jax.lax.scan(lambda x, layer: apply_block(x, *layer), x, (stacked, cache), unroll=self.config.scan_unroll)
+      x, cache = jax.lax.scan(
+        lambda x, layer: apply_block(x, *layer), x, (stacked, cache), unroll=self.config.scan_unroll
+      )
       return x, None if cache is None else KVCache(*cache)
     layer_caches = []
     for i, block in enumerate(self.blocks):

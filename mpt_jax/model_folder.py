@@ -65,7 +65,7 @@ def save_params(params: dict[str, Any], config: MPTConfig, path: str | os.PathLi
   """
   no_copy = ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)
   handler = ocp.PyTreeCheckpointHandler(
-      use_compression=False, type_handler_registry=ocp.type_handlers.create_type_handler_registry((np.ndarray, no_copy))
+    use_compression=False, type_handler_registry=ocp.type_handlers.create_type_handler_registry((np.ndarray, no_copy))
   )
   with atomic_directory(path) as tmp:
     write_config(config, tmp)
@@ -112,9 +112,14 @@ def restore_params(path: str | os.PathLike, config: MPTConfig, shardings: dict[s
   Starts fine-tuning from converted weights: the folder's architecture must be ``config``'s.
   """
   saved = read_config(path)
-  differ = [k for k in dataclasses.asdict(config) if k not in RUNTIME_FIELDS and getattr(saved, k) != getattr(config, k)]
+  differ = [
+    k for k in dataclasses.asdict(config) if k not in RUNTIME_FIELDS and getattr(saved, k) != getattr(config, k)
+  ]
   if differ:
-    raise ValueError(f"{path} holds a different model: " + ", ".join(f"{k}={getattr(saved, k)!r} (run: {getattr(config, k)!r})" for k in differ))
+    raise ValueError(
+      f"{path} holds a different model: "
+      + ", ".join(f"{k}={getattr(saved, k)!r} (run: {getattr(config, k)!r})" for k in differ)
+    )
   if saved.scan_layers != config.scan_layers:  # change the layer layout on the host, then place
     _, params = read_params(path)
     params["blocks"] = relayout_blocks(params["blocks"], config)
@@ -144,4 +149,6 @@ def reading(path):
   try:
     yield
   except Exception as e:
-    raise CheckpointError(f"{path}: parameters cannot be read, truncated or damaged? ({integrity.describe_failure(e)})") from e
+    raise CheckpointError(
+      f"{path}: parameters cannot be read, truncated or damaged? ({integrity.describe_failure(e)})"
+    ) from e

@@ -66,6 +66,7 @@ def _layer_norm_bwd(eps, dtype, impl, batch_axes, residuals, dy):
   del eps, dtype
   x, scale, mean, rstd = residuals
   if _kernels(x, impl, batch_axes):
+
     def backward(x, scale, mean, rstd, dy):
       return pallas_layer_norm.backward(x, scale, mean[..., 0], rstd[..., 0], dy, interpret=_interpret())
 
@@ -88,8 +89,10 @@ def _kernels(x, impl: str, batch_axes: tuple[str, ...]) -> bool:
   shards = 1 if mesh.empty else math.prod(mesh.shape[a] for a in axes_dividing(mesh, batch_axes, x.shape[0]))
   supported = pallas_layer_norm.supports(x.shape[-1], math.prod(x.shape[:-1]) // shards)
   if impl == "pallas" and not supported:
-    raise ValueError(f"LayerNorm impl='pallas' needs a power-of-two width in [16, {pallas_layer_norm.MAX_WIDTH}] and "
-                     f"rows per device a multiple of {pallas_layer_norm.BLOCK_ROWS}; got {x.shape=} on {shards} device(s)")
+    raise ValueError(
+      f"LayerNorm impl='pallas' needs a power-of-two width in [16, {pallas_layer_norm.MAX_WIDTH}] and "
+      f"rows per device a multiple of {pallas_layer_norm.BLOCK_ROWS}; got {x.shape=} on {shards} device(s)"
+    )
   return supported
 
 
@@ -115,9 +118,12 @@ def _per_device(kernel, x, scale, *per_row, batch_axes: tuple[str, ...], outputs
     return tuple(out if ndim or axes is None else jax.lax.psum(out, axes) for out, ndim in zip(outs, outputs))
 
   # check_vma=False: the Pallas call does not track varying manual axes (as in mpt_jax.attention).
-  return jax.shard_map(local, in_specs=(rows(x.ndim), PartitionSpec(), *(rows(a.ndim) for a in per_row)),
-                       out_specs=tuple(rows(ndim) if ndim else PartitionSpec() for ndim in outputs),
-                       check_vma=False)(x, scale, *per_row)
+  return jax.shard_map(
+    local,
+    in_specs=(rows(x.ndim), PartitionSpec(), *(rows(a.ndim) for a in per_row)),
+    out_specs=tuple(rows(ndim) if ndim else PartitionSpec() for ndim in outputs),
+    check_vma=False,
+  )(x, scale, *per_row)
 
 
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)

@@ -58,7 +58,7 @@ def make_optimizer(config: OptimConfig, total_steps: int) -> tuple[optax.Gradien
   if config.weight_decay < 0 or not 0.0 <= config.alpha_f <= 1.0 or config.warmup_steps < 0:
     raise ValueError(f"OptimConfig needs weight_decay >= 0, 0 <= alpha_f <= 1, warmup_steps >= 0; got {config}")
   schedule = cosine_with_warmup(
-      config.lr, warmup_steps=config.warmup_steps, total_steps=total_steps, alpha_f=config.alpha_f
+    config.lr, warmup_steps=config.warmup_steps, total_steps=total_steps, alpha_f=config.alpha_f
   )
   b1, b2 = config.betas
   if config.name == "decoupled_adamw":
@@ -68,8 +68,8 @@ def make_optimizer(config: OptimConfig, total_steps: int) -> tuple[optax.Gradien
   else:
     raise ValueError(f"OptimConfig.name must be 'decoupled_adamw' or 'decoupled_lionw', got {config.name!r}")
   tx = optax.chain(
-      direction,
-      optax.add_decayed_weights(config.weight_decay / config.lr),
-      optax.scale_by_learning_rate(schedule),
+    direction,
+    optax.add_decayed_weights(config.weight_decay / config.lr),
+    optax.scale_by_learning_rate(schedule),
   )
   return tx, schedule

@@ -39,14 +39,14 @@ def forward(x, scale, *, eps: float, dtype, interpret: bool = False):
   row_spec = pl.BlockSpec((BLOCK_ROWS, width), lambda i: (i, 0))
   stat_spec = pl.BlockSpec((BLOCK_ROWS,), lambda i: (i,))
   y, mean, rstd = pl.pallas_call(
-      functools.partial(_forward_kernel, eps=eps),
-      grid=(rows // BLOCK_ROWS,),
-      in_specs=[row_spec, pl.BlockSpec((width,), lambda i: (0,))],
-      out_specs=[row_spec, stat_spec, stat_spec],
-      out_shape=[jax.ShapeDtypeStruct((rows, width), dtype), *[jax.ShapeDtypeStruct((rows,), jnp.float32)] * 2],
-      compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
-      interpret=interpret,
-      name="layer_norm_forward",
+    functools.partial(_forward_kernel, eps=eps),
+    grid=(rows // BLOCK_ROWS,),
+    in_specs=[row_spec, pl.BlockSpec((width,), lambda i: (0,))],
+    out_specs=[row_spec, stat_spec, stat_spec],
+    out_shape=[jax.ShapeDtypeStruct((rows, width), dtype), *[jax.ShapeDtypeStruct((rows,), jnp.float32)] * 2],
+    compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+    interpret=interpret,
+    name="layer_norm_forward",
   )(x.reshape(rows, width), scale)
   return y.reshape(x.shape), mean.reshape(x.shape[:-1]), rstd.reshape(x.shape[:-1])
 
@@ -59,14 +59,14 @@ def backward(x, scale, mean, rstd, dy, *, interpret: bool = False):
   row_spec = pl.BlockSpec((BLOCK_ROWS, width), lambda i: (i, 0))
   stat_spec = pl.BlockSpec((BLOCK_ROWS,), lambda i: (i,))
   dx, dscale_rows = pl.pallas_call(
-      _backward_kernel,
-      grid=(programs,),
-      in_specs=[row_spec, pl.BlockSpec((width,), lambda i: (0,)), stat_spec, stat_spec, row_spec],
-      out_specs=[row_spec, pl.BlockSpec((None, width), lambda i: (i, 0))],
-      out_shape=[jax.ShapeDtypeStruct((rows, width), x.dtype), jax.ShapeDtypeStruct((programs, width), jnp.float32)],
-      compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
-      interpret=interpret,
-      name="layer_norm_backward",
+    _backward_kernel,
+    grid=(programs,),
+    in_specs=[row_spec, pl.BlockSpec((width,), lambda i: (0,)), stat_spec, stat_spec, row_spec],
+    out_specs=[row_spec, pl.BlockSpec((None, width), lambda i: (i, 0))],
+    out_shape=[jax.ShapeDtypeStruct((rows, width), x.dtype), jax.ShapeDtypeStruct((programs, width), jnp.float32)],
+    compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+    interpret=interpret,
+    name="layer_norm_backward",
   )(x.reshape(rows, width), scale, mean.reshape(rows), rstd.reshape(rows), dy.reshape(rows, width))
   return dx.reshape(x.shape), jnp.sum(dscale_rows, axis=0).astype(scale.dtype)
 

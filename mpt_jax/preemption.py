@@ -55,7 +55,9 @@ class PreemptionWatcher:
           os._exit(INTERRUPTED_STATUS)
         if signum == signal.SIGINT:
           self.interrupted = True
-          os.write(2, b"\nCtrl-C: saving a checkpoint at the end of this step; press Ctrl-C again to abort without it\n")
+          os.write(
+            2, b"\nCtrl-C: saving a checkpoint at the end of this step; press Ctrl-C again to abort without it\n"
+          )
         self._signalled.set()
 
   def requested(self) -> bool:

@@ -20,17 +20,35 @@ from mpt_jax.config import RUNTIME_FIELDS, STORED_LAYOUT_FIELDS, TrainConfig
 # How the run executes, not what it computes: change freely. The model's run-time fields are
 # free except those that decide the stored parameters' layout (mpt_jax.config.RUNTIME_FIELDS).
 FREE = (
-    "workdir", "mesh.*", "micro_batch_size", "log_every", "peak_flops", "sample_tokens",
-    *(f"model.{name}" for name in RUNTIME_FIELDS if name not in STORED_LAYOUT_FIELDS), "data.prepared_dir",
-    "data.positions",  # a field older runs recorded (it produced an array nothing read); gone since
-    "checkpoint.every_steps", "checkpoint.keep_last", "checkpoint.keep_every", "checkpoint.async_save",
-    "checkpoint.max_consecutive_nonfinite", "checkpoint.allow_config_changes",
+  "workdir",
+  "mesh.*",
+  "micro_batch_size",
+  "log_every",
+  "peak_flops",
+  "sample_tokens",
+  *(f"model.{name}" for name in RUNTIME_FIELDS if name not in STORED_LAYOUT_FIELDS),
+  "data.prepared_dir",
+  "data.positions",  # a field older runs recorded (it produced an array nothing read); gone since
+  "checkpoint.every_steps",
+  "checkpoint.keep_last",
+  "checkpoint.keep_every",
+  "checkpoint.async_save",
+  "checkpoint.max_consecutive_nonfinite",
+  "checkpoint.allow_config_changes",
 )
 # What the updates do from the restored step on (the LR schedule, ...), not the state's layout:
 # refused unless CheckpointConfig.allow_config_changes, then logged.
 ALLOWED = (
-    "steps", "z_loss", "optim.lr", "optim.betas", "optim.eps", "optim.weight_decay", "optim.warmup_steps",
-    "optim.alpha_f", "optim.grad_clip_norm", "data.segment_ids",
+  "steps",
+  "z_loss",
+  "optim.lr",
+  "optim.betas",
+  "optim.eps",
+  "optim.weight_decay",
+  "optim.warmup_steps",
+  "optim.alpha_f",
+  "optim.grad_clip_norm",
+  "data.segment_ids",
 )
 
 
@@ -42,7 +60,9 @@ def record(config: TrainConfig) -> dict[str, Any]:
 def changes(recorded: dict[str, Any], config: TrainConfig) -> dict[str, tuple[Any, Any]]:
   """Dotted field name -> (recorded value, ``config``'s value), for each field that differs."""
   saved, current = _flatten(recorded), _flatten(record(config))
-  return {k: (saved.get(k), current.get(k)) for k in sorted(saved.keys() | current.keys()) if saved.get(k) != current.get(k)}
+  return {
+    k: (saved.get(k), current.get(k)) for k in sorted(saved.keys() | current.keys()) if saved.get(k) != current.get(k)
+  }
 
 
 def tier(field: str) -> Literal["free", "allowed", "refused"]:
@@ -63,13 +83,17 @@ def check(recorded: dict[str, Any], config: TrainConfig, *, where: str) -> None:
     listed = ", ".join(f"{k}={changed[k][0]!r} (this run: {changed[k][1]!r})" for k in refused + allowed)
     why = []
     if refused:
-      why.append(f"{', '.join(refused)} cannot change when resuming (the train state or the data position depends on it): "
-                 "use another --workdir")
+      why.append(
+        f"{', '.join(refused)} cannot change when resuming (the train state or the data position depends on it): "
+        "use another --workdir"
+      )
     if allowed and not permitted:
       why.append(f"{', '.join(allowed)} may change with --checkpoint.allow-config-changes")
     raise ValueError(f"{where} of a run with another config: {listed}; {'; '.join(why)}")
   for k in allowed:
-    logging.warning("%s: resuming with %s changed from %r to %r (checkpoint.allow_config_changes)", where, k, *changed[k])
+    logging.warning(
+      "%s: resuming with %s changed from %r to %r (checkpoint.allow_config_changes)", where, k, *changed[k]
+    )
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -20,13 +20,13 @@ BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over every data-pa
 
 # logical parameter axis -> mesh axis (None: not split).
 LOGICAL_RULES = {
-    "vocab": "tensor",
-    "embed": "fsdp",
-    "heads": "tensor",
-    "mlp": "tensor",
-    "head_dim": None,
-    "layers": None,
-    "norm": None,
+  "vocab": "tensor",
+  "embed": "fsdp",
+  "heads": "tensor",
+  "mlp": "tensor",
+  "head_dim": None,
+  "layers": None,
+  "norm": None,
 }
 
 
@@ -40,9 +40,9 @@ def initialize_distributed(config: MeshConfig) -> None:
   if config.coordinator_address is None and not config.multi_process:
     return
   jax.distributed.initialize(
-      coordinator_address=config.coordinator_address,
-      num_processes=config.num_processes,
-      process_id=config.process_id,
+    coordinator_address=config.coordinator_address,
+    num_processes=config.num_processes,
+    process_id=config.process_id,
   )
   logging.info("process %d of %d joined %s", jax.process_index(), jax.process_count(), config.coordinator_address)
 
@@ -57,7 +57,7 @@ def mesh_shape(config: MeshConfig, device_count: int) -> tuple[int, int, int]:
     sizes[sizes.index(-1)] = device_count // known
   if int(np.prod(sizes)) != device_count:
     raise ValueError(
-        f"MeshConfig (data, fsdp, tensor) = {tuple(sizes)} needs {int(np.prod(sizes))} devices, but there are {device_count}"
+      f"MeshConfig (data, fsdp, tensor) = {tuple(sizes)} needs {int(np.prod(sizes))} devices, but there are {device_count}"
     )
   return tuple(sizes)
 

@@ -49,8 +49,14 @@ def _objective(params, graphdef, batch: Batch, z_loss: float):
   model = nnx.merge(graphdef, params)
   hidden = model.hidden_states(batch["input_ids"], batch.get("segment_ids"))
   with jax.named_scope("loss"):
-    return loss.head_cross_entropy(hidden, model.wte[...], batch["targets"], batch["weights"], z_loss=z_loss,
-                                   logit_scale=model.config.logit_multiplier)
+    return loss.head_cross_entropy(
+      hidden,
+      model.wte[...],
+      batch["targets"],
+      batch["weights"],
+      z_loss=z_loss,
+      logit_scale=model.config.logit_multiplier,
+    )
 
 
 def _accumulated_gradients(params, graphdef, batch: Batch, *, grad_accum: int, z_loss: float, microbatch_sharding):
@@ -94,16 +100,16 @@ def guarded_update(optimizer: optax.GradientTransformation, grads, params, opt_s
 
 
 def train_step(
-    state: TrainState,
-    batch: Batch,
-    *,
-    graphdef: nnx.GraphDef,
-    optimizer: optax.GradientTransformation,
-    schedule: optax.Schedule,
-    grad_accum: int = 1,
-    z_loss: float = 0.0,
-    grad_clip_norm: float = 1.0,
-    microbatch_sharding=None,
+  state: TrainState,
+  batch: Batch,
+  *,
+  graphdef: nnx.GraphDef,
+  optimizer: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  grad_accum: int = 1,
+  z_loss: float = 0.0,
+  grad_clip_norm: float = 1.0,
+  microbatch_sharding=None,
 ) -> tuple[TrainState, dict]:
   """One optimizer step: (new state, metrics). Pure, so it can be jitted on its own.
 
@@ -124,8 +130,12 @@ def train_step(
     grad_norm, lr, nonfinite_steps.
   """
   grads, loss_value = _accumulated_gradients(
-      state.params, graphdef, _with_targets(batch), grad_accum=grad_accum, z_loss=z_loss,
-      microbatch_sharding=microbatch_sharding,
+    state.params,
+    graphdef,
+    _with_targets(batch),
+    grad_accum=grad_accum,
+    z_loss=z_loss,
+    microbatch_sharding=microbatch_sharding,
   )
   with jax.named_scope("optimizer"):
     grad_norm = optax.tree.norm(grads)
@@ -134,13 +144,18 @@ def train_step(
     params, opt_state = guarded_update(optimizer, grads, state.params, state.opt_state, finite=finite)
   skipped = (~finite).astype(jnp.int32)
   state = state.replace(
-      step=state.step + 1,
-      params=params,
-      opt_state=opt_state,
-      nonfinite_steps=state.nonfinite_steps + skipped,
-      nonfinite_streak=(state.nonfinite_streak + 1) * skipped,
+    step=state.step + 1,
+    params=params,
+    opt_state=opt_state,
+    nonfinite_steps=state.nonfinite_steps + skipped,
+    nonfinite_streak=(state.nonfinite_streak + 1) * skipped,
   )
-  step_metrics = {"loss": loss_value, "grad_norm": grad_norm, "lr": schedule(state.step - 1), "nonfinite_steps": state.nonfinite_steps}
+  step_metrics = {
+    "loss": loss_value,
+    "grad_norm": grad_norm,
+    "lr": schedule(state.step - 1),
+    "nonfinite_steps": state.nonfinite_steps,
+  }
   return state, step_metrics
 
 
@@ -164,8 +179,8 @@ def grad_accum_steps(config: TrainConfig, data_parallel: int) -> int:
   micro = config.micro_batch_size or config.global_batch_size // data_parallel
   if config.global_batch_size % (micro * data_parallel):
     raise ValueError(
-        f"TrainConfig.global_batch_size ({config.global_batch_size}) must be micro_batch_size ({micro}) "
-        f"x grad_accum x data-parallel size (mesh data x fsdp = {data_parallel})"
+      f"TrainConfig.global_batch_size ({config.global_batch_size}) must be micro_batch_size ({micro}) "
+      f"x grad_accum x data-parallel size (mesh data x fsdp = {data_parallel})"
     )
   return config.global_batch_size // (micro * data_parallel)
 
@@ -181,8 +196,14 @@ def make_setup(config: TrainConfig, mesh: jax.sharding.Mesh) -> TrainSetup:
 
   def init_from_params(params: nnx.State) -> TrainState:
     zero = jnp.zeros((), jnp.int32)
-    return TrainState(step=zero, params=params, opt_state=optimizer.init(params), rng=rng_key,
-                      nonfinite_steps=zero, nonfinite_streak=zero)
+    return TrainState(
+      step=zero,
+      params=params,
+      opt_state=optimizer.init(params),
+      rng=rng_key,
+      nonfinite_steps=zero,
+      nonfinite_streak=zero,
+    )
 
   def init() -> TrainState:
     return init_from_params(nnx.split(MPTForCausalLM(config.model, rngs=nnx.Rngs(params=params_key)))[1])
@@ -193,25 +214,31 @@ def make_setup(config: TrainConfig, mesh: jax.sharding.Mesh) -> TrainSetup:
   microbatch_sharding = NamedSharding(mesh, PartitionSpec(None, sharding.BATCH_AXES))
 
   step = functools.partial(
-      train_step, graphdef=graphdef, optimizer=optimizer, schedule=schedule, grad_accum=grad_accum,
-      z_loss=config.z_loss, grad_clip_norm=config.optim.grad_clip_norm, microbatch_sharding=microbatch_sharding,
+    train_step,
+    graphdef=graphdef,
+    optimizer=optimizer,
+    schedule=schedule,
+    grad_accum=grad_accum,
+    z_loss=config.z_loss,
+    grad_clip_norm=config.optim.grad_clip_norm,
+    microbatch_sharding=microbatch_sharding,
   )
 
   replicated = sharding.replicated(mesh)
   return TrainSetup(
-      mesh=mesh,
-      graphdef=graphdef,
-      abstract_state=abstract_state,
-      state_shardings=state_shardings,
-      init=jax.jit(init, out_shardings=state_shardings),
-      init_from_params=jax.jit(init_from_params, in_shardings=(state_shardings.params,), out_shardings=state_shardings),
-      train_step=jax.jit(
-          step,
-          in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-          out_shardings=(state_shardings, replicated),
-          donate_argnums=0,
-      ),
-      schedule=schedule,
-      grad_accum=grad_accum,
-      n_params=sum(x.size for x in jax.tree.leaves(abstract_state.params)),
+    mesh=mesh,
+    graphdef=graphdef,
+    abstract_state=abstract_state,
+    state_shardings=state_shardings,
+    init=jax.jit(init, out_shardings=state_shardings),
+    init_from_params=jax.jit(init_from_params, in_shardings=(state_shardings.params,), out_shardings=state_shardings),
+    train_step=jax.jit(
+      step,
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+      out_shardings=(state_shardings, replicated),
+      donate_argnums=0,
+    ),
+    schedule=schedule,
+    grad_accum=grad_accum,
+    n_params=sum(x.size for x in jax.tree.leaves(abstract_state.params)),
   )

@@ -24,8 +24,18 @@ from mpt_jax.config import TrainConfig
 from mpt_jax.lock import WorkdirLock
 from mpt_jax.train_step import Batch, TrainSetup, TrainState, grad_accum_steps, make_setup, train_step
 
-__all__ = ["Batch", "Hook", "TrainSetup", "TrainState", "grad_accum_steps", "main", "make_setup", "sample", "train",
-           "train_step"]
+__all__ = [
+  "Batch",
+  "Hook",
+  "TrainSetup",
+  "TrainState",
+  "grad_accum_steps",
+  "main",
+  "make_setup",
+  "sample",
+  "train",
+  "train_step",
+]
 
 Hook = Callable[[int, TrainState], bool]  # called after each step with the steps done so far; True stops the run
 
@@ -45,18 +55,20 @@ def _local_rows(data_iterator: Iterator[dict[str, np.ndarray]], config: TrainCon
   for rows in data_iterator:
     for name, array in rows.items():
       if array.shape != expected:
-        raise ValueError(f"data iterator gave {name} of shape {array.shape}; expected {expected} (rows of this process, seq_len)")
+        raise ValueError(
+          f"data iterator gave {name} of shape {array.shape}; expected {expected} (rows of this process, seq_len)"
+        )
     yield rows
 
 
 def train(
-    config: TrainConfig,
-    setup: TrainSetup,
-    data_iterator: Iterator[dict[str, np.ndarray]],
-    *,
-    start_state: TrainState | None = None,
-    writer: metrics.MetricsWriter | None = None,
-    hooks: Sequence[Hook] = (),
+  config: TrainConfig,
+  setup: TrainSetup,
+  data_iterator: Iterator[dict[str, np.ndarray]],
+  *,
+  start_state: TrainState | None = None,
+  writer: metrics.MetricsWriter | None = None,
+  hooks: Sequence[Hook] = (),
 ) -> TrainState:
   """Optimizer steps from ``start_state.step`` (a fresh init if None) up to ``config.steps``.
 
@@ -90,9 +102,9 @@ def train(
     step_time = (now - last_log_time) / (step - last_log_step)
     tokens_per_s = tokens_per_step / step_time
     step_metrics.update(
-        tokens_per_s=tokens_per_s,
-        mfu=metrics.mfu(tokens_per_s, flops_per_token, jax.device_count(), peak),
-        step_time_s=step_time,
+      tokens_per_s=tokens_per_s,
+      mfu=metrics.mfu(tokens_per_s, flops_per_token, jax.device_count(), peak),
+      step_time_s=step_time,
     )
     last_log_step, last_log_time = step, now
     progress.set_postfix(loss=f"{step_metrics['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
@@ -101,8 +113,8 @@ def train(
     patience = config.checkpoint.max_consecutive_nonfinite
     if patience and int(state.nonfinite_streak) >= patience:
       raise FloatingPointError(
-          f"step {step}: the last {int(state.nonfinite_streak)} steps had a non-finite loss or gradient norm "
-          f"(CheckpointConfig.max_consecutive_nonfinite={patience}); their updates were skipped and nothing was saved"
+        f"step {step}: the last {int(state.nonfinite_streak)} steps had a non-finite loss or gradient norm "
+        f"(CheckpointConfig.max_consecutive_nonfinite={patience}); their updates were skipped and nothing was saved"
       )
     if stop:
       break
@@ -110,7 +122,9 @@ def train(
   return state
 
 
-def sample(config: TrainConfig, setup: TrainSetup, state: TrainState, prompt_ids: np.ndarray, *, temperature: float = 0.8) -> list[str]:
+def sample(
+  config: TrainConfig, setup: TrainSetup, state: TrainState, prompt_ids: np.ndarray, *, temperature: float = 0.8
+) -> list[str]:
   """Continues each prompt row by ``config.sample_tokens`` tokens; returns the decoded texts."""
   from mpt_jax.data import load_tokenizer
   from mpt_jax.generate import generate
@@ -141,7 +155,13 @@ def _run(config: TrainConfig, data_iterator: Iterator[dict[str, np.ndarray]] | N
   """main's phases, while this run holds the workdir."""
   with _phase("mesh"):
     mesh = sharding.make_mesh(config.mesh)
-    logging.info("mesh %s over %d %s devices, %d processes", dict(mesh.shape), mesh.size, jax.devices()[0].device_kind, jax.process_count())
+    logging.info(
+      "mesh %s over %d %s devices, %d processes",
+      dict(mesh.shape),
+      mesh.size,
+      jax.devices()[0].device_kind,
+      jax.process_count(),
+    )
   with _phase("data"):
     if data_iterator is None:
       from mpt_jax.data import make_train_iterator
@@ -174,8 +194,11 @@ def _run(config: TrainConfig, data_iterator: Iterator[dict[str, np.ndarray]] | N
     finally:
       checkpointer.close()
     if saver.preempted:
-      logging.info("%s: checkpoint of step %d written; run the same command to resume",
-                   "Ctrl-C" if watcher.interrupted else "SIGTERM", int(state.step))
+      logging.info(
+        "%s: checkpoint of step %d written; run the same command to resume",
+        "Ctrl-C" if watcher.interrupted else "SIGTERM",
+        int(state.step),
+      )
       if watcher.interrupted:
         raise KeyboardInterrupt
       return state
@@ -192,8 +215,9 @@ def _data_state(data_iterator) -> dict:
   return data_iterator.get_state() if hasattr(data_iterator, "get_state") else {}
 
 
-def _restore_or_init(config: TrainConfig, setup: TrainSetup, checkpointer: checkpoint.TrainCheckpointer,
-                     data_iterator) -> tuple[TrainState, int | None]:
+def _restore_or_init(
+  config: TrainConfig, setup: TrainSetup, checkpointer: checkpoint.TrainCheckpointer, data_iterator
+) -> tuple[TrainState, int | None]:
   """(state, restored step): the newest intact checkpoint, data position included, if any; else
   (converted weights if asked, else init; None)."""
   restored = checkpointer.restore_latest(sharding.with_shardings(setup.abstract_state, setup.state_shardings))
@@ -202,11 +226,15 @@ def _restore_or_init(config: TrainConfig, setup: TrainSetup, checkpointer: check
       data_iterator.set_state(restored.data)
     logging.info("resumed from the checkpoint of step %d in %s", restored.step, checkpointer.directory)
     if config.checkpoint.init_from:
-      logging.info("checkpoint.init_from=%s is not loaded again: the run started from it and resumes from its checkpoint",
-                   config.checkpoint.init_from)
+      logging.info(
+        "checkpoint.init_from=%s is not loaded again: the run started from it and resumes from its checkpoint",
+        config.checkpoint.init_from,
+      )
     return restored.state, restored.step
   if config.checkpoint.init_from:
-    pure = model_folder.restore_params(config.checkpoint.init_from, config.model, nnx.to_pure_dict(setup.state_shardings.params))
+    pure = model_folder.restore_params(
+      config.checkpoint.init_from, config.model, nnx.to_pure_dict(setup.state_shardings.params)
+    )
     params = jax.tree.map(lambda x: x, setup.abstract_state.params)
     nnx.replace_by_pure_dict(params, pure)
     logging.info("parameters from %s", config.checkpoint.init_from)
@@ -217,7 +245,13 @@ def _restore_or_init(config: TrainConfig, setup: TrainSetup, checkpointer: check
 class _CheckpointHook:
   """Saves every ``every_steps``, at the last step, and when preempted or interrupted (then stops the run)."""
 
-  def __init__(self, config: TrainConfig, checkpointer: checkpoint.TrainCheckpointer, data_iterator, watcher: preemption.PreemptionWatcher):
+  def __init__(
+    self,
+    config: TrainConfig,
+    checkpointer: checkpoint.TrainCheckpointer,
+    data_iterator,
+    watcher: preemption.PreemptionWatcher,
+  ):
     self.config, self.checkpointer, self.data_iterator, self.watcher = config, checkpointer, data_iterator, watcher
     self.preempted = False
 

@@ -9,7 +9,9 @@ import pathlib
 
 import pytest
 
-TOKENIZER_JSON = pathlib.Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
+TOKENIZER_JSON = (
+  pathlib.Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
+)
 
 
 @pytest.fixture(scope="session")
@@ -40,8 +42,14 @@ def convert_random_mpt(tmp_path_factory):
 
       torch.manual_seed(vocab_size)
       hf_config = transformers.MptConfig(
-          d_model=32, n_heads=4, n_layers=2, expansion_ratio=4, max_seq_len=1024, vocab_size=vocab_size, no_bias=True,
-          attn_config={"alibi": True, "alibi_bias_max": 8},
+        d_model=32,
+        n_heads=4,
+        n_layers=2,
+        expansion_ratio=4,
+        max_seq_len=1024,
+        vocab_size=vocab_size,
+        no_bias=True,
+        attn_config={"alibi": True, "alibi_bias_max": 8},
       )
       hf = transformers.MptForCausalLM(hf_config).eval()
       with torch.no_grad():

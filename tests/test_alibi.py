@@ -1,6 +1,5 @@
 """ALiBi slopes: the v0.0.4 rule, the HF / llm-foundry interleave rule, and where they agree."""
 
-
 import numpy as np
 import pytest
 from transformers.models.mpt import modeling_mpt
@@ -8,8 +7,24 @@ from transformers.models.mpt import modeling_mpt
 from mpt_jax.alibi import alibi_slopes
 
 # docs/model.md, ALiBi: the 16 slopes of the released model, 2^(-h/2).
-MPT_1B_SLOPES = [0.70710678, 0.5, 0.35355339, 0.25, 0.17677670, 0.125, 0.08838835, 0.0625,
-                 0.04419417, 0.03125, 0.02209709, 0.015625, 0.01104854, 0.0078125, 0.00552427, 0.00390625]
+MPT_1B_SLOPES = [
+  0.70710678,
+  0.5,
+  0.35355339,
+  0.25,
+  0.17677670,
+  0.125,
+  0.08838835,
+  0.0625,
+  0.04419417,
+  0.03125,
+  0.02209709,
+  0.015625,
+  0.01104854,
+  0.0078125,
+  0.00552427,
+  0.00390625,
+]
 
 
 @pytest.mark.parametrize("rule", ["mosaic_gpt", "mpt"])

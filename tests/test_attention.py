@@ -18,8 +18,15 @@ from mpt_jax.attention import dot_product_attention, pallas_triton, reference
 INTERPRET = jax.default_backend() != "gpu"
 # Forward and backward blocks all differ, so a swapped block size shows as a wrong answer.
 SMALL_BLOCKS = pallas_triton.BlockSizes(
-    block_q=16, block_k=32, num_warps=4, block_q_dkv=32, block_k_dkv=16, num_warps_dkv=4,
-    block_q_dq=16, block_k_dq=32, num_warps_dq=4,
+  block_q=16,
+  block_k=32,
+  num_warps=4,
+  block_q_dkv=32,
+  block_k_dkv=16,
+  num_warps_dkv=4,
+  block_q_dq=16,
+  block_k_dq=32,
+  num_warps_dq=4,
 )
 
 # Relative L2 error bounds by input dtype: (output, gradients).
@@ -27,27 +34,28 @@ TOLERANCES = {jnp.float32: (1e-5, 1e-5), jnp.bfloat16: (1e-2, 2e-2)}
 
 # Implementations checked against the reference ("xla" is the reference itself).
 IMPLS = {
-    "pallas": lambda q, k, v, **kw: pallas_triton.flash_attention(
-        q, k, v, block_sizes=SMALL_BLOCKS, interpret=INTERPRET, **kw
-    ),
+  "pallas": lambda q, k, v, **kw: pallas_triton.flash_attention(
+    q, k, v, block_sizes=SMALL_BLOCKS, interpret=INTERPRET, **kw
+  ),
 }
 
 # (seq_len, head_dim, dtype, causal, segments, scale); segments: None, "packed" (sorted ids
 # with random document boundaries) or "shuffled" (random unsorted ids).
 CASES = [
-    (64, 64, jnp.float32, True, None, None),
-    (37, 128, jnp.float32, True, "packed", None),
-    (37, 64, jnp.bfloat16, True, "packed", None),
-    (64, 64, jnp.float32, True, "shuffled", None),
-    (37, 64, jnp.float32, False, "packed", None),
-    (64, 128, jnp.bfloat16, False, None, 0.3),
+  (64, 64, jnp.float32, True, None, None),
+  (37, 128, jnp.float32, True, "packed", None),
+  (37, 64, jnp.bfloat16, True, "packed", None),
+  (64, 64, jnp.float32, True, "shuffled", None),
+  (37, 64, jnp.float32, False, "packed", None),
+  (64, 128, jnp.bfloat16, False, None, 0.3),
 ]
 
 
 def _case_id(case):
   seq_len, head_dim, dtype, causal, segments, scale = case
-  return (f"{seq_len=}-{head_dim=}-{jnp.dtype(dtype).name}-{'causal' if causal else 'bidirectional'}"
-          f"-{segments=}-{scale=}")
+  return (
+    f"{seq_len=}-{head_dim=}-{jnp.dtype(dtype).name}-{'causal' if causal else 'bidirectional'}-{segments=}-{scale=}"
+  )
 
 
 def _inputs(seed, batch, seq_len, heads, head_dim, segments=None):
@@ -106,7 +114,7 @@ def test_causal_never_loads_keys_past_the_diagonal():
   (dq,) = vjp(d_out)
   prefix = (q[:, :seen], k[:, :seen], v[:, :seen])
   ref_out, ref_vjp = jax.vjp(
-      lambda q: reference.attention(q, *prefix[1:], precision=jax.lax.Precision.HIGHEST, **kwargs), prefix[0]
+    lambda q: reference.attention(q, *prefix[1:], precision=jax.lax.Precision.HIGHEST, **kwargs), prefix[0]
   )
   (ref_dq,) = ref_vjp(d_out[:, :seen])
   assert _rel_err(out[:, :seen], ref_out) < TOLERANCES[jnp.float32][0]
@@ -126,7 +134,7 @@ def test_packed_documents_never_load_each_other(poisoned):
   bad, good = slice(poisoned * doc, (poisoned + 1) * doc), slice((1 - poisoned) * doc, (2 - poisoned) * doc)
   q, k, v = (x.at[:, bad].set(jnp.nan) for x in (q, k, v))
   out, vjp = jax.vjp(
-      lambda q, k, v: IMPLS["pallas"](q, k, v, slopes=alibi_slopes(heads), segment_ids=segment_ids), q, k, v
+    lambda q, k, v: IMPLS["pallas"](q, k, v, slopes=alibi_slopes(heads), segment_ids=segment_ids), q, k, v
   )
   ref = functools.partial(reference.attention, slopes=alibi_slopes(heads), precision=jax.lax.Precision.HIGHEST)
   ref_out, ref_vjp = jax.vjp(ref, q[:, good], k[:, good], v[:, good])
@@ -147,6 +155,7 @@ def test_sharded_matches_unsharded():
     def run(q, k, v, segment_ids, d_out):
       out, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, slopes=slopes, segment_ids=segment_ids), q, k, v)
       return out, vjp(d_out)
+
     return jax.jit(run)(q, k, v, segment_ids, d_out)
 
   expected = loss_grads(lambda *a, **kw: pallas_triton.flash_attention(*a, interpret=INTERPRET, **kw))
@@ -160,21 +169,29 @@ def test_sharded_matches_unsharded():
 
 
 @pytest.mark.parametrize(
-    "change, name",
-    [
-        (dict(k=np.zeros((2, 16, 3, 64), np.float32)), "k.shape"),
-        (dict(slopes=np.ones(4, np.float32)), "slopes"),
-        (dict(segment_ids=np.zeros((2, 8), np.int32)), "segment_ids"),
-        (dict(segment_ids=np.zeros((2, 32), np.float32)), "segment_ids"),
-        (dict(q=np.zeros((2, 32, 3, 48)), k=np.zeros((2, 32, 3, 48)), v=np.zeros((2, 32, 3, 48))), "head_dim"),
-        (dict(v=np.zeros((2, 32, 3, 64), jnp.bfloat16)), "v.dtype"),
-        (dict(scale=-1.0), "scale"),
-    ],
-    ids=lambda x: x if isinstance(x, str) else None,
+  "change, name",
+  [
+    (dict(k=np.zeros((2, 16, 3, 64), np.float32)), "k.shape"),
+    (dict(slopes=np.ones(4, np.float32)), "slopes"),
+    (dict(segment_ids=np.zeros((2, 8), np.int32)), "segment_ids"),
+    (dict(segment_ids=np.zeros((2, 32), np.float32)), "segment_ids"),
+    (dict(q=np.zeros((2, 32, 3, 48)), k=np.zeros((2, 32, 3, 48)), v=np.zeros((2, 32, 3, 48))), "head_dim"),
+    (dict(v=np.zeros((2, 32, 3, 64), jnp.bfloat16)), "v.dtype"),
+    (dict(scale=-1.0), "scale"),
+  ],
+  ids=lambda x: x if isinstance(x, str) else None,
 )
 def test_rejects_bad_input(change, name):
-  args = dict(q=np.zeros((2, 32, 3, 64), np.float32), k=np.zeros((2, 32, 3, 64), np.float32),
-              v=np.zeros((2, 32, 3, 64), np.float32), slopes=alibi_slopes(3), interpret=INTERPRET) | change
+  args = (
+    dict(
+      q=np.zeros((2, 32, 3, 64), np.float32),
+      k=np.zeros((2, 32, 3, 64), np.float32),
+      v=np.zeros((2, 32, 3, 64), np.float32),
+      slopes=alibi_slopes(3),
+      interpret=INTERPRET,
+    )
+    | change
+  )
   with pytest.raises(ValueError, match=name):
     pallas_triton.flash_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
 

@@ -26,10 +26,18 @@ def test_matches_the_reference_at_the_query_position(seed, per_row, dtype):
   assert ours.shape == q.shape and ours.dtype == q.dtype
   rows = np.broadcast_to(np.asarray(position), (batch,))
   for b in range(batch):
-    expected = reference.attention(q[b : b + 1].astype(jnp.float32), k[b : b + 1].astype(jnp.float32),
-                                   v[b : b + 1].astype(jnp.float32), slopes=slopes, scale=0.3, q_offset=int(rows[b]),
-                                   precision=jax.lax.Precision.HIGHEST)
-    np.testing.assert_allclose(np.asarray(ours[b : b + 1], np.float32), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+    expected = reference.attention(
+      q[b : b + 1].astype(jnp.float32),
+      k[b : b + 1].astype(jnp.float32),
+      v[b : b + 1].astype(jnp.float32),
+      slopes=slopes,
+      scale=0.3,
+      q_offset=int(rows[b]),
+      precision=jax.lax.Precision.HIGHEST,
+    )
+    np.testing.assert_allclose(
+      np.asarray(ours[b : b + 1], np.float32), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype]
+    )
 
 
 def test_keys_after_the_query_are_ignored():
@@ -39,10 +47,14 @@ def test_keys_after_the_query_are_ignored():
   position = jnp.array([3, 7])
   stale = k.at[0, 4:].set(100.0).at[1, 8:].set(-100.0), v.at[0, 4:].set(9.0).at[1, 8:].set(9.0)
   slopes = alibi_slopes(4)
-  np.testing.assert_array_equal(decode.attention(q, *stale, slopes=slopes, q_offset=position),
-                                decode.attention(q, k, v, slopes=slopes, q_offset=position))
+  np.testing.assert_array_equal(
+    decode.attention(q, *stale, slopes=slopes, q_offset=position),
+    decode.attention(q, k, v, slopes=slopes, q_offset=position),
+  )
 
 
 def test_shapes_are_checked():
   with pytest.raises(ValueError, match=r"expected q \[B, 1, N, H\]"):
-    decode.attention(jnp.zeros((2, 3, 4, 8)), jnp.zeros((2, 9, 4, 8)), jnp.zeros((2, 9, 4, 8)), slopes=alibi_slopes(4), q_offset=0)
+    decode.attention(
+      jnp.zeros((2, 3, 4, 8)), jnp.zeros((2, 9, 4, 8)), jnp.zeros((2, 9, 4, 8)), slopes=alibi_slopes(4), q_offset=0
+    )

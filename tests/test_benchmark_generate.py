@@ -14,14 +14,26 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_tiny_run_writes_every_row_without_data_or_tensorflow_imports(tmp_path):
   flags = ["--tiny", "--batch_sizes", "1", "3", "--prompt_tokens", "8", "--new_tokens", "6", "--repeats", "1"]
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OUT": str(tmp_path), "JAX_PLATFORMS": "cpu"}
-  result = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "benchmarks" / "generate.py"), *flags],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  result = subprocess.run(
+    [sys.executable, "-X", "importtime", str(ROOT / "benchmarks" / "generate.py"), *flags],
+    cwd=tmp_path,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
   assert "mpt_jax.generate" in imported
   assert not {m for m in imported if m.startswith(("mpt_jax.data", "tensorflow", "seqio"))}
   report = json.loads((tmp_path / "generate.json").read_text())
   assert [(r["impl"], r["batch"], r["status"]) for r in report["rows"]] == [
-      ("mpt-jax", 1, "ok"), ("transformers", 1, "ok"), ("mpt-jax", 3, "ok"), ("transformers", 3, "ok")]
-  assert all(math.isfinite(r["decode_ms_per_step"]) and r["prefill_tokens_per_s"] > 0 for r in report["rows"])  # CPU: noisy
+    ("mpt-jax", 1, "ok"),
+    ("transformers", 1, "ok"),
+    ("mpt-jax", 3, "ok"),
+    ("transformers", 3, "ok"),
+  ]
+  assert all(
+    math.isfinite(r["decode_ms_per_step"]) and r["prefill_tokens_per_s"] > 0 for r in report["rows"]
+  )  # CPU: noisy
   assert "decode ms/step" in result.stdout

@@ -28,12 +28,38 @@ def test_every_benchmark_script_starts_from_the_repository_root(script):
 def test_train_step_benchmark_times_ours_the_plain_step_and_ablation_variants(tmp_path):
   """--tiny runs the same code paths as on a GPU: each row in its own process, variants patched in."""
   done = subprocess.run(
-      [sys.executable, "benchmarks/train_step.py", "--tiny", "--seq_len", "32", "--batch_sizes", "2", "--plain_batch_sizes", "2",
-       "--warmup_steps", "1", "--steps", "1", "--variants", "no_guard", "f32_logits"],
-      cwd=ROOT, env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      "benchmarks/train_step.py",
+      "--tiny",
+      "--seq_len",
+      "32",
+      "--batch_sizes",
+      "2",
+      "--plain_batch_sizes",
+      "2",
+      "--warmup_steps",
+      "1",
+      "--steps",
+      "1",
+      "--variants",
+      "no_guard",
+      "f32_logits",
+    ],
+    cwd=ROOT,
+    env={**os.environ, "OUT": str(tmp_path)},
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert done.returncode == 0, done.stderr[-2000:]
   rows = json.loads((tmp_path / "train_step.json").read_text())["rows"]
-  assert [(r["step"], r["variant"]) for r in rows] == [("plain", "-"), ("ours", "as_is"), ("ours", "no_guard"), ("ours", "f32_logits")]
+  assert [(r["step"], r["variant"]) for r in rows] == [
+    ("plain", "-"),
+    ("ours", "as_is"),
+    ("ours", "no_guard"),
+    ("ours", "f32_logits"),
+  ]
   assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in rows), rows
 
 
@@ -42,13 +68,21 @@ def test_step_profile_splits_gpu_time_by_kind_of_kernel(tmp_path):
   sys.path.insert(0, str(ROOT / "benchmarks"))
   import step_profile
 
-  hlo = "\n".join([
+  hlo = "\n".join(
+    [
       '  %loop_add_fusion.3 = f32[4]{0} fusion(%p), kind=kLoop, calls=%c, metadata={op_name="jit(train_step)/optimizer/add"}',
       '  %fusion.7 = bf16[4]{0} fusion(%p), kind=kLoop, calls=%d, metadata={op_name="jit(train_step)/transpose(jvp(loss))/mul"}',
       '  %loop_convert_fusion.2 = bf16[4]{0} fusion(%p), kind=kLoop, calls=%e, metadata={op_name="jit(train_step)/jvp()/add"}',
-  ])
-  kernels = [("nvjet_sm90_tst_128x256", 0, 50), ("alibi_flash_forward", 60, 20), ("loop_add_fusion_3", 80, 10),
-             ("fusion_7", 90, 5), ("layer_norm_backward", 95, 4), ("loop_convert_fusion_2", 99, 11)]
+    ]
+  )
+  kernels = [
+    ("nvjet_sm90_tst_128x256", 0, 50),
+    ("alibi_flash_forward", 60, 20),
+    ("loop_add_fusion_3", 80, 10),
+    ("fusion_7", 90, 5),
+    ("layer_norm_backward", 95, 4),
+    ("loop_convert_fusion_2", 99, 11),
+  ]
   events = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}}]
   events += [{"ph": "X", "pid": 1, "tid": 7, "ts": ts, "dur": dur, "name": name} for name, ts, dur in kernels]
   trace = tmp_path / "host.trace.json.gz"
@@ -57,6 +91,13 @@ def test_step_profile_splits_gpu_time_by_kind_of_kernel(tmp_path):
   summary = step_profile.summarize(trace, hlo, steps=2)
   assert summary["step_ms"] == pytest.approx(0.055)  # 110 us of wall time over 2 steps
   assert summary["idle_ms"] == pytest.approx(0.005)  # the 10 us gap between the matmul and the attention kernel
-  assert summary["buckets"] == pytest.approx({
-      "dense matmuls": 0.025, "attention kernels": 0.010, "optimizer update": 0.005,
-      "loss (head softmax, cross-entropy)": 0.0025, "LayerNorm": 0.002, "other fusions (residual adds, casts, slices)": 0.0055})
+  assert summary["buckets"] == pytest.approx(
+    {
+      "dense matmuls": 0.025,
+      "attention kernels": 0.010,
+      "optimizer update": 0.005,
+      "loss (head softmax, cross-entropy)": 0.0025,
+      "LayerNorm": 0.002,
+      "other fusions (residual adds, casts, slices)": 0.0055,
+    }
+  )

@@ -29,8 +29,22 @@ from mpt_jax.lock import WorkdirLock, WorkdirLocked
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 20
 # train.py on the embedded corpus, a toy model: 20 steps, a checkpoint every 2, every step logged.
-RUN = ["--model.d-model", "64", "--model.n-layers", "2", "--seq-len", "64", "--global-batch-size", "8",
-       "--steps", str(STEPS), "--log-every", "1", "--sample-tokens", "0"]
+RUN = [
+  "--model.d-model",
+  "64",
+  "--model.n-layers",
+  "2",
+  "--seq-len",
+  "64",
+  "--global-batch-size",
+  "8",
+  "--steps",
+  str(STEPS),
+  "--log-every",
+  "1",
+  "--sample-tokens",
+  "0",
+]
 
 
 def _launch(workdir, *extra) -> subprocess.Popen:
@@ -38,9 +52,11 @@ def _launch(workdir, *extra) -> subprocess.Popen:
   log = pathlib.Path(workdir).with_name(f"{pathlib.Path(workdir).name}-{time.monotonic_ns()}.log")
   with open(log, "w") as stderr:
     process = subprocess.Popen(
-        [sys.executable, "train.py", "--workdir", str(workdir), *RUN, *extra],
-        cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
-        stdout=subprocess.DEVNULL, stderr=stderr,
+      [sys.executable, "train.py", "--workdir", str(workdir), *RUN, *extra],
+      cwd=ROOT,
+      env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
+      stdout=subprocess.DEVNULL,
+      stderr=stderr,
     )
   process.log = log
   return process
@@ -179,9 +195,11 @@ def _damage(step_dir: pathlib.Path, how: str) -> str:
 def test_damaged_checkpoints_are_passed_over_naming_the_damage(tmp_path, reference, capsys):
   workdir = tmp_path / "run"
   shutil.copytree(reference["workdir"], workdir)
-  damaged = {20: _damage(workdir / "checkpoints" / "20", "truncate"),
-             18: _damage(workdir / "checkpoints" / "18", "delete metadata"),
-             16: _damage(workdir / "checkpoints" / "16", "flip 400 bytes")}
+  damaged = {
+    20: _damage(workdir / "checkpoints" / "20", "truncate"),
+    18: _damage(workdir / "checkpoints" / "18", "delete metadata"),
+    16: _damage(workdir / "checkpoints" / "16", "flip 400 bytes"),
+  }
   run = _launch(workdir, "--checkpoint.every-steps", "2")
   assert _finish(run) == 0
   log = run.log.read_text()
@@ -198,7 +216,9 @@ def test_damaged_checkpoints_are_passed_over_naming_the_damage(tmp_path, referen
   capsys.readouterr()
   assert train.run(["--workdir", str(workdir), *RUN]) == 2
   stderr = capsys.readouterr().err
-  assert stderr.splitlines()[-1].startswith(f"error: no intact checkpoint in {workdir / 'checkpoints'} (step 20: state/")
+  assert stderr.splitlines()[-1].startswith(
+    f"error: no intact checkpoint in {workdir / 'checkpoints'} (step 20: state/"
+  )
   assert "Traceback" not in stderr
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == kept
 
@@ -207,8 +227,16 @@ TINY = MPTConfig(d_model=32, n_heads=4, n_layers=2, vocab_size=96, max_seq_len=1
 
 
 def _train_config(workdir, **fields) -> TrainConfig:
-  defaults = dict(model=TINY, optim=OptimConfig(lr=1e-2, warmup_steps=1), workdir=str(workdir), seq_len=16,
-                  global_batch_size=8, steps=4, log_every=1, sample_tokens=0)
+  defaults = dict(
+    model=TINY,
+    optim=OptimConfig(lr=1e-2, warmup_steps=1),
+    workdir=str(workdir),
+    seq_len=16,
+    global_batch_size=8,
+    steps=4,
+    log_every=1,
+    sample_tokens=0,
+  )
   return TrainConfig(**{**defaults, **fields})
 
 
@@ -261,7 +289,8 @@ def test_a_run_checkpointed_on_8_devices_continues_on_2_with_the_losses_it_would
   two = jax.devices()[:2]
   mesh, setup = _setup(config, two)
   restored = checkpoint.TrainCheckpointer(tmp_path / "ckpt", config).restore_latest(
-      sharding.with_shardings(setup.abstract_state, setup.state_shardings))
+    sharding.with_shardings(setup.abstract_state, setup.state_shardings)
+  )
   assert (restored.step, restored.data) == (3, {"batches_read": 3})
   assert all(x.sharding.device_set == set(two) for x in jax.tree.leaves(restored.state.params))
   _, later_2 = train_steps(two, restored.state, range(4, 7))
@@ -325,7 +354,9 @@ def tiny_state():
   return state, sharding.with_shardings(setup.abstract_state, setup.state_shardings)
 
 
-def test_a_checkpoint_holding_nan_is_passed_over_and_none_intact_fails_naming_each(tmp_path, tiny_state, monkeypatch, caplog):
+def test_a_checkpoint_holding_nan_is_passed_over_and_none_intact_fails_naming_each(
+  tmp_path, tiny_state, monkeypatch, caplog
+):
   state, target = tiny_state
   saver = checkpoint.TrainCheckpointer(tmp_path / "checkpoints", _train_config(tmp_path))
   saver.save(1, state, {"step": 1})
@@ -336,15 +367,24 @@ def test_a_checkpoint_holding_nan_is_passed_over_and_none_intact_fails_naming_ea
   assert integrity.verify(tmp_path / "checkpoints" / "2") is None  # written whole: the checksums match
   with caplog.at_level(logging.WARNING):
     restored = saver.restore_latest(target)
-  assert restored.step == 1 and "checkpoint of step 2 in" in caplog.text and "its train state holds NaN or inf" in caplog.text
+  assert (
+    restored.step == 1
+    and "checkpoint of step 2 in" in caplog.text
+    and "its train state holds NaN or inf" in caplog.text
+  )
   assert [p.name.split("-")[0] for p in (tmp_path / "checkpoints.broken").iterdir()] == ["2"]
   _damage(tmp_path / "checkpoints" / "1", "flip 400 bytes")
-  with pytest.raises(checkpoint.CheckpointError, match=r"no intact checkpoint in .* \(step 1: state/ocdbt.process_0/d/\w+ has other contents"):
+  with pytest.raises(
+    checkpoint.CheckpointError,
+    match=r"no intact checkpoint in .* \(step 1: state/ocdbt.process_0/d/\w+ has other contents",
+  ):
     saver.restore_latest(target)
   saver.close()
 
 
-def test_a_save_that_fails_for_lack_of_space_names_the_cause_and_the_earlier_checkpoints_stay(tmp_path, tiny_state, monkeypatch):
+def test_a_save_that_fails_for_lack_of_space_names_the_cause_and_the_earlier_checkpoints_stay(
+  tmp_path, tiny_state, monkeypatch
+):
   state, target = tiny_state
   config = _train_config(tmp_path)
   saver = checkpoint.TrainCheckpointer(tmp_path / "checkpoints", config)
@@ -355,7 +395,10 @@ def test_a_save_that_fails_for_lack_of_space_names_the_cause_and_the_earlier_che
     raise OSError(errno.ENOSPC, "No space left on device", str(folder / integrity.MANIFEST))
 
   monkeypatch.setattr(integrity, "write", full_disk)
-  with pytest.raises(checkpoint.CheckpointError, match=r"could not write a checkpoint in .*No space left on device.*rerun the same command"):
+  with pytest.raises(
+    checkpoint.CheckpointError,
+    match=r"could not write a checkpoint in .*No space left on device.*rerun the same command",
+  ):
     saver.save(2, state, {"step": 2})
     saver.wait_until_finished()
   monkeypatch.undo()
@@ -380,16 +423,25 @@ def test_resuming_with_another_config_is_refused_naming_each_changed_field(tmp_p
       resumer.close()
 
   lr, allow = dataclasses.replace(config.optim, lr=1e-3), CheckpointConfig(allow_config_changes=True)
-  with pytest.raises(ValueError, match=r"global_batch_size=8 \(this run: 16\), optim.lr=0.01 \(this run: 0.001\).*"
-                                       r"global_batch_size cannot change when resuming.*optim.lr may change with --checkpoint.allow-config-changes"):
+  with pytest.raises(
+    ValueError,
+    match=r"global_batch_size=8 \(this run: 16\), optim.lr=0.01 \(this run: 0.001\).*"
+    r"global_batch_size cannot change when resuming.*optim.lr may change with --checkpoint.allow-config-changes",
+  ):
     resume(global_batch_size=16, optim=lr)
-  with pytest.raises(ValueError, match=r"optim.name='decoupled_adamw' \(this run: 'decoupled_lionw'\).*optim.name cannot change"):
-    resume(optim=dataclasses.replace(config.optim, name="decoupled_lionw"), checkpoint=allow)  # the flag cannot allow it
+  with pytest.raises(
+    ValueError, match=r"optim.name='decoupled_adamw' \(this run: 'decoupled_lionw'\).*optim.name cannot change"
+  ):
+    resume(
+      optim=dataclasses.replace(config.optim, name="decoupled_lionw"), checkpoint=allow
+    )  # the flag cannot allow it
   with pytest.raises(ValueError, match=r"checkpoint.init_from='' \(this run: 'converted'\)"):
     resume(checkpoint=CheckpointConfig(init_from="converted"))  # never silently ignored
   with pytest.raises(ValueError, match=r"model.n_layers=2 \(this run: 3\)"):
     resume(model=dataclasses.replace(TINY, n_layers=3))
-  assert resume(mesh=MeshConfig(fsdp=2), log_every=5, checkpoint=CheckpointConfig(every_steps=7)).step == 2  # how, not what
+  assert (
+    resume(mesh=MeshConfig(fsdp=2), log_every=5, checkpoint=CheckpointConfig(every_steps=7)).step == 2
+  )  # how, not what
   with caplog.at_level(logging.WARNING):
     assert resume(optim=lr, steps=8, checkpoint=allow).step == 2
   assert "optim.lr changed from 0.01 to 0.001" in caplog.text and "steps changed from 4 to 8" in caplog.text
@@ -400,16 +452,25 @@ def test_a_workdir_without_checkpoints_takes_any_config(tmp_path, tiny_state):
   """As after a run refused at start (say --steps -5) or killed before its first checkpoint."""
   _, target = tiny_state
   checkpoint.TrainCheckpointer(tmp_path, _train_config(tmp_path)).close()
-  other = checkpoint.TrainCheckpointer(tmp_path, _train_config(tmp_path, model=dataclasses.replace(TINY, d_model=64, n_layers=3)))
+  other = checkpoint.TrainCheckpointer(
+    tmp_path, _train_config(tmp_path, model=dataclasses.replace(TINY, d_model=64, n_layers=3))
+  )
   assert other.restore_latest(target) is None
   other.close()
 
 
 def test_a_second_run_on_a_workdir_in_use_refuses_naming_the_first(tmp_path, capsys):
   holder = subprocess.Popen(
-      [sys.executable, "-c", "import sys, time; from mpt_jax.lock import WorkdirLock; "
-       "WorkdirLock(sys.argv[1]).__enter__(); print('held', flush=True); time.sleep(300)", str(tmp_path)],
-      cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    [
+      sys.executable,
+      "-c",
+      "import sys, time; from mpt_jax.lock import WorkdirLock; "
+      "WorkdirLock(sys.argv[1]).__enter__(); print('held', flush=True); time.sleep(300)",
+      str(tmp_path),
+    ],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    text=True,
   )
   try:
     assert holder.stdout.readline() == "held\n"

@@ -24,27 +24,44 @@ from flax import nnx
 from mpt_jax import MPTConfig, MPTForCausalLM, checkpoint, sharding, trainer
 from mpt_jax.atomic import atomic_directory
 from mpt_jax.checkpoint import load_model, load_params
-from mpt_jax.hf_config import from_hf_dict, to_hf_dict
-from mpt_jax.model_folder import save_model, save_params
 from mpt_jax.config import MeshConfig, TrainConfig
 from mpt_jax.convert import ConversionError, load_pytorch, read_pytorch, save_pytorch, tensor_groups, write_pytorch
+from mpt_jax.hf_config import from_hf_dict, to_hf_dict
+from mpt_jax.model_folder import save_model, save_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # mosaic_gpt -> mpt module names (docs/model.md, "Checkpoint keys"), written out independently of convert.py.
-MOSAIC_TO_MPT = {".ln_1.": ".norm_1.", ".ln_2.": ".norm_2.", ".mlp.mlp_up.": ".ffn.up_proj.", ".mlp.mlp_down.": ".ffn.down_proj.", "transformer.ln_f.": "transformer.norm_f."}
+MOSAIC_TO_MPT = {
+  ".ln_1.": ".norm_1.",
+  ".ln_2.": ".norm_2.",
+  ".mlp.mlp_up.": ".ffn.up_proj.",
+  ".mlp.mlp_down.": ".ffn.down_proj.",
+  "transformer.ln_f.": "transformer.norm_f.",
+}
 
 
 def tiny_config(n_heads=6, qk_ln=True, layout="mosaic_gpt", **kw) -> MPTConfig:
   return MPTConfig(
-      d_model=8 * n_heads, n_heads=n_heads, n_layers=2, max_seq_len=16, vocab_size=37, attn_qk_ln=qk_ln,
-      alibi_slope_rule=layout, dtype="float32", attn_impl="xla", **kw,
+    d_model=8 * n_heads,
+    n_heads=n_heads,
+    n_layers=2,
+    max_seq_len=16,
+    vocab_size=37,
+    attn_qk_ln=qk_ln,
+    alibi_slope_rule=layout,
+    dtype="float32",
+    attn_impl="xla",
+    **kw,
   )
 
 
 def random_state(config: MPTConfig, layout: str, seed: int, dtype=torch.float32) -> dict[str, torch.Tensor]:
   tensors = [t for _, group in tensor_groups(config, layout) for t in group]
   keys = jax.random.split(jax.random.key(seed), len(tensors))
-  return {t.torch_key: torch.from_numpy(np.array(jax.random.normal(k, t.torch_shape))).to(dtype) for t, k in zip(tensors, keys)}
+  return {
+    t.torch_key: torch.from_numpy(np.array(jax.random.normal(k, t.torch_shape))).to(dtype)
+    for t, k in zip(tensors, keys)
+  }
 
 
 def write_checkpoint(folder: pathlib.Path, hf_config: dict, state: dict, file_format: str) -> pathlib.Path:
@@ -88,8 +105,16 @@ def load_cli(name: str):
 
 def test_mosaic_gpt_keys_and_shapes_are_the_released_checkpoints():
   """docs/model.md, "Checkpoint keys": every key and PyTorch shape of mpt-1b-redpajama-200b."""
-  block = {"ln_1": [2048], "attn.Wqkv": [6144, 2048], "attn.q_ln": [2048], "attn.k_ln": [2048],
-           "attn.out_proj": [2048, 2048], "ln_2": [2048], "mlp.mlp_up": [8192, 2048], "mlp.mlp_down": [2048, 8192]}
+  block = {
+    "ln_1": [2048],
+    "attn.Wqkv": [6144, 2048],
+    "attn.q_ln": [2048],
+    "attn.k_ln": [2048],
+    "attn.out_proj": [2048, 2048],
+    "ln_2": [2048],
+    "mlp.mlp_up": [8192, 2048],
+    "mlp.mlp_down": [2048, 8192],
+  }
   spec = {"transformer.wte.weight": [50432, 2048], "transformer.ln_f.weight": [2048]}
   spec |= {f"transformer.blocks.{i}.{name}.weight": shape for i in range(24) for name, shape in block.items()}
   found = {t.torch_key: list(t.torch_shape) for _, group in tensor_groups(MPTConfig(), "mosaic_gpt") for t in group}
@@ -111,12 +136,16 @@ def test_torch_flax_torch_round_trip_is_bit_identical(tmp_path, layout, scan_lay
   if file_format == "bin":  # a weights file with config.json beside it, rather than the folder
     src = src / "pytorch_model.bin"
   read_config, params = read_pytorch(src, scan_layers=scan_layers)
-  assert dataclasses.replace(read_config, dtype="float32", attn_impl="xla") == dataclasses.replace(config, scan_layers=scan_layers)
+  assert dataclasses.replace(read_config, dtype="float32", attn_impl="xla") == dataclasses.replace(
+    config, scan_layers=scan_layers
+  )
   save_params(params, read_config, tmp_path / "flax")
   write_pytorch(*load_params(tmp_path / "flax"), tmp_path / "out", layout)
 
   assert_bit_identical(state, safetensors.torch.load_file(tmp_path / "out" / "model.safetensors"))
-  assert from_hf_dict(json.loads((tmp_path / "out" / "config.json").read_text()), dtype="float32", attn_impl="xla") == config
+  assert (
+    from_hf_dict(json.loads((tmp_path / "out" / "config.json").read_text()), dtype="float32", attn_impl="xla") == config
+  )
 
 
 def test_bfloat16_is_preserved_and_dtype_casts_on_request(tmp_path):
@@ -140,8 +169,13 @@ def test_cli_round_trip(tmp_path):
   config = tiny_config()
   state = random_state(config, "mosaic_gpt", seed=4)
   src = write_checkpoint(tmp_path / "src", to_hf_dict(config), state, "bin")
-  for script, args in (("torch_to_flax", [src, tmp_path / "flax"]), ("flax_to_torch", [tmp_path / "flax", tmp_path / "out", "--layout", "mosaic_gpt"])):
-    subprocess.run([sys.executable, ROOT / "convert" / f"{script}.py", *args], check=True, capture_output=True, cwd=tmp_path)
+  for script, args in (
+    ("torch_to_flax", [src, tmp_path / "flax"]),
+    ("flax_to_torch", [tmp_path / "flax", tmp_path / "out", "--layout", "mosaic_gpt"]),
+  ):
+    subprocess.run(
+      [sys.executable, ROOT / "convert" / f"{script}.py", *args], check=True, capture_output=True, cwd=tmp_path
+    )
   assert_bit_identical(state, safetensors.torch.load_file(tmp_path / "out" / "model.safetensors"))
   model = load_model(tmp_path / "flax", dtype="float32")
   np.testing.assert_array_equal(model.wte[...], state["transformer.wte.weight"].numpy())
@@ -152,9 +186,14 @@ def test_cli_round_trip(tmp_path):
 
 def hf_reference(config: MPTConfig, seed: int) -> transformers.MptForCausalLM:
   hf_config = transformers.MptConfig(
-      d_model=config.d_model, n_heads=config.n_heads, n_layers=config.n_layers, expansion_ratio=4,
-      max_seq_len=config.max_seq_len, vocab_size=config.vocab_size, no_bias=True,
-      attn_config={"alibi": True, "alibi_bias_max": 8, "qk_ln": False},
+    d_model=config.d_model,
+    n_heads=config.n_heads,
+    n_layers=config.n_layers,
+    expansion_ratio=4,
+    max_seq_len=config.max_seq_len,
+    vocab_size=config.vocab_size,
+    no_bias=True,
+    attn_config={"alibi": True, "alibi_bias_max": 8, "qk_ln": False},
   )
   torch.manual_seed(seed)  # transformers initializes with torch's global generator
   model = transformers.MptForCausalLM(hf_config).eval()
@@ -189,7 +228,9 @@ def test_logits_match_transformers_after_loading(tmp_path, layout, n_heads):
     write_checkpoint(tmp_path / "hf", to_hf_dict(config, "mosaic_gpt"), state, "bin")
   ids = random_ids(n_heads, config)
   for scan_layers in (True, False):
-    model = load_pytorch(tmp_path / "hf", config_overrides=dict(dtype="float32", attn_impl="xla", scan_layers=scan_layers))
+    model = load_pytorch(
+      tmp_path / "hf", config_overrides=dict(dtype="float32", attn_impl="xla", scan_layers=scan_layers)
+    )
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), hf_logits(reference, ids), atol=1e-5, rtol=0)
 
 
@@ -241,25 +282,78 @@ def corrupt(kind: str):
   last = "transformer.blocks.1.attn.out_proj.weight"
   truncate = lambda f: f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # noqa: E731
   return {
-      "missing key": ("safetensors", lambda s, c: s.pop(last), None, rf"missing \['{last}'\], unexpected \[\]"),
-      "unexpected key": ("bin", lambda s, c: s.update(extra=s[last]), None, r"missing \[\], unexpected \['extra'\]"),
-      "wrong shape": ("safetensors", lambda s, c: s.update({last: s[last][:, :4].contiguous()}), None, rf"{last} has shape \(48, 4\), expected \(48, 48\)"),
-      "config says more layers": ("bin", lambda s, c: c.update(n_layers=3), None, r"missing \['transformer.blocks.2.attn.Wqkv.weight'"),
-      "config says no qk_ln": ("bin", lambda s, c: c.update(attn_qk_ln=False), None, r"unexpected \['transformer.blocks.0.attn.k_ln.weight'"),
-      "truncated bin": ("bin", None, lambda d: truncate(d / "pytorch_model.bin"), r"pytorch_model.bin: not a readable checkpoint file, truncated or corrupted"),
-      "truncated safetensors": ("safetensors", None, lambda d: truncate(d / "model.safetensors"), r"model.safetensors: not a readable checkpoint file"),
-      "garbage header": ("safetensors", None, lambda d: d.joinpath("model.safetensors").write_bytes(b"\xff" * 64), r"model.safetensors: not a readable"),
-      "pickle holds more than tensors": ("bin", None, lambda d: torch.save({"model": {}, "step": 3}, d / "pytorch_model.bin"), r"expected a state dict \(str -> torch.Tensor\), found a dict of str -> dict, str -> int"),
-      "pickle holds an object": ("bin", None, lambda d: torch.save({"w": pathlib.PurePosixPath("x")}, d / "pytorch_model.bin"), r"pytorch_model.bin: not a readable checkpoint file.*UnpicklingError"),
-      "no config.json": ("bin", None, lambda d: (d / "config.json").unlink(), r"config.json not found"),
-      "bad config.json": ("bin", None, lambda d: (d / "config.json").write_text("{"), r"config.json: not readable JSON"),
+    "missing key": ("safetensors", lambda s, c: s.pop(last), None, rf"missing \['{last}'\], unexpected \[\]"),
+    "unexpected key": ("bin", lambda s, c: s.update(extra=s[last]), None, r"missing \[\], unexpected \['extra'\]"),
+    "wrong shape": (
+      "safetensors",
+      lambda s, c: s.update({last: s[last][:, :4].contiguous()}),
+      None,
+      rf"{last} has shape \(48, 4\), expected \(48, 48\)",
+    ),
+    "config says more layers": (
+      "bin",
+      lambda s, c: c.update(n_layers=3),
+      None,
+      r"missing \['transformer.blocks.2.attn.Wqkv.weight'",
+    ),
+    "config says no qk_ln": (
+      "bin",
+      lambda s, c: c.update(attn_qk_ln=False),
+      None,
+      r"unexpected \['transformer.blocks.0.attn.k_ln.weight'",
+    ),
+    "truncated bin": (
+      "bin",
+      None,
+      lambda d: truncate(d / "pytorch_model.bin"),
+      r"pytorch_model.bin: not a readable checkpoint file, truncated or corrupted",
+    ),
+    "truncated safetensors": (
+      "safetensors",
+      None,
+      lambda d: truncate(d / "model.safetensors"),
+      r"model.safetensors: not a readable checkpoint file",
+    ),
+    "garbage header": (
+      "safetensors",
+      None,
+      lambda d: d.joinpath("model.safetensors").write_bytes(b"\xff" * 64),
+      r"model.safetensors: not a readable",
+    ),
+    "pickle holds more than tensors": (
+      "bin",
+      None,
+      lambda d: torch.save({"model": {}, "step": 3}, d / "pytorch_model.bin"),
+      r"expected a state dict \(str -> torch.Tensor\), found a dict of str -> dict, str -> int",
+    ),
+    "pickle holds an object": (
+      "bin",
+      None,
+      lambda d: torch.save({"w": pathlib.PurePosixPath("x")}, d / "pytorch_model.bin"),
+      r"pytorch_model.bin: not a readable checkpoint file.*UnpicklingError",
+    ),
+    "no config.json": ("bin", None, lambda d: (d / "config.json").unlink(), r"config.json not found"),
+    "bad config.json": ("bin", None, lambda d: (d / "config.json").write_text("{"), r"config.json: not readable JSON"),
   }[kind]
 
 
-@pytest.mark.parametrize("kind", [
-    "missing key", "unexpected key", "wrong shape", "config says more layers", "config says no qk_ln", "truncated bin",
-    "truncated safetensors", "garbage header", "pickle holds more than tensors", "pickle holds an object", "no config.json", "bad config.json",
-])
+@pytest.mark.parametrize(
+  "kind",
+  [
+    "missing key",
+    "unexpected key",
+    "wrong shape",
+    "config says more layers",
+    "config says no qk_ln",
+    "truncated bin",
+    "truncated safetensors",
+    "garbage header",
+    "pickle holds more than tensors",
+    "pickle holds an object",
+    "no config.json",
+    "bad config.json",
+  ],
+)
 def test_bad_checkpoint_fails_naming_the_problem_and_writes_nothing(tmp_path, kind):
   file_format, edit_state, edit_folder, message = corrupt(kind)
   config = tiny_config()
@@ -276,7 +370,12 @@ def test_bad_checkpoint_fails_naming_the_problem_and_writes_nothing(tmp_path, ki
 
 def test_cli_exits_nonzero_with_the_message(tmp_path):
   src = write_checkpoint(tmp_path / "src", to_hf_dict(tiny_config()), {}, "bin")
-  result = subprocess.run([sys.executable, ROOT / "convert" / "torch_to_flax.py", src, tmp_path / "dst"], capture_output=True, text=True, cwd=tmp_path)
+  result = subprocess.run(
+    [sys.executable, ROOT / "convert" / "torch_to_flax.py", src, tmp_path / "dst"],
+    capture_output=True,
+    text=True,
+    cwd=tmp_path,
+  )
   assert result.returncode != 0
   assert "error:" in result.stderr and "missing ['transformer.blocks.0.attn.Wqkv.weight'" in result.stderr
   assert "Traceback" not in result.stderr
@@ -310,7 +409,9 @@ def test_existing_output_is_not_overwritten(tmp_path):
 def test_an_existing_destination_is_refused_before_any_weight_is_read(tmp_path, monkeypatch):
   for script in ("torch_to_flax", "flax_to_torch"):
     cli = load_cli(script)
-    monkeypatch.setattr(cli, "read_pytorch" if script == "torch_to_flax" else "load_params", lambda *a, **k: pytest.fail("read first"))
+    monkeypatch.setattr(
+      cli, "read_pytorch" if script == "torch_to_flax" else "load_params", lambda *a, **k: pytest.fail("read first")
+    )
     (tmp_path / script).mkdir()
     with pytest.raises(FileExistsError, match=f"{script} already exists"):
       cli.main(tmp_path / "src", tmp_path / script)
@@ -320,8 +421,12 @@ def test_a_damaged_model_folder_fails_in_one_line_naming_it(tmp_path):
   save_model(MPTForCausalLM(tiny_config(), rngs=nnx.Rngs(0)), tmp_path / "flax")
   largest = max((p for p in (tmp_path / "flax" / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
   largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
-  result = subprocess.run([sys.executable, ROOT / "convert" / "flax_to_torch.py", tmp_path / "flax", tmp_path / "out"],
-                          capture_output=True, text=True, cwd=tmp_path)
+  result = subprocess.run(
+    [sys.executable, ROOT / "convert" / "flax_to_torch.py", tmp_path / "flax", tmp_path / "out"],
+    capture_output=True,
+    text=True,
+    cwd=tmp_path,
+  )
   assert result.returncode == 2
   assert f"error: {tmp_path / 'flax'}: parameters cannot be read, truncated or damaged?" in result.stderr
   assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
@@ -336,7 +441,9 @@ def test_llm_foundry_config_json_with_null_init_std_loads(tmp_path):
   hf = to_hf_dict(config, "mpt")
   hf["init_config"]["init_std"] = None
   state = random_state(config, "mpt", seed=9)
-  model = load_pytorch(write_checkpoint(tmp_path / "src", hf, state, "safetensors"), config_overrides={"dtype": "float32"})
+  model = load_pytorch(
+    write_checkpoint(tmp_path / "src", hf, state, "safetensors"), config_overrides={"dtype": "float32"}
+  )
   np.testing.assert_array_equal(model.wte[...], state["transformer.wte.weight"].numpy())
 
 
@@ -349,7 +456,9 @@ def test_dtypes_may_be_numpy_or_jax_dtypes_wherever_one_is_taken(tmp_path):
   model = load_pytorch(src, dtype=jnp.bfloat16, config_overrides={"dtype": jnp.float32})
   assert (model.config.param_dtype, model.config.dtype, model.wte[...].dtype) == ("bfloat16", "float32", jnp.bfloat16)
   save_pytorch(model, tmp_path / "out", dtype=jnp.float32)
-  assert safetensors.torch.load_file(tmp_path / "out" / "model.safetensors")["transformer.wte.weight"].dtype == torch.float32
+  assert (
+    safetensors.torch.load_file(tmp_path / "out" / "model.safetensors")["transformer.wte.weight"].dtype == torch.float32
+  )
   write_pytorch(model.config, params, tmp_path / "out16", dtype=np.dtype("float16"))
   save_model(model, tmp_path / "flax")
   restored = load_model(tmp_path / "flax", dtype=jnp.bfloat16, param_dtype=np.float32)
@@ -357,8 +466,15 @@ def test_dtypes_may_be_numpy_or_jax_dtypes_wherever_one_is_taken(tmp_path):
 
 
 def test_a_training_workdir_loads_and_exports_its_newest_intact_checkpoint(tmp_path, caplog):
-  config = TrainConfig(model=tiny_config(), mesh=MeshConfig(fsdp=1), workdir=str(tmp_path / "run"), seq_len=16,
-                       global_batch_size=2, steps=4, sample_tokens=0)
+  config = TrainConfig(
+    model=tiny_config(),
+    mesh=MeshConfig(fsdp=1),
+    workdir=str(tmp_path / "run"),
+    seq_len=16,
+    global_batch_size=2,
+    steps=4,
+    sample_tokens=0,
+  )
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   with jax.set_mesh(mesh):
     state = trainer.make_setup(config, mesh).init()
@@ -372,8 +488,10 @@ def test_a_training_workdir_loads_and_exports_its_newest_intact_checkpoint(tmp_p
   load_cli("flax_to_torch").main(tmp_path / "run", tmp_path / "torch")
   assert "checkpoint of step 2" in caplog.text and "state/_METADATA is missing" in caplog.text
   write_pytorch(config.model, step_1, tmp_path / "expected")
-  assert_bit_identical(safetensors.torch.load_file(tmp_path / "expected" / "model.safetensors"),
-                       safetensors.torch.load_file(tmp_path / "torch" / "model.safetensors"))
+  assert_bit_identical(
+    safetensors.torch.load_file(tmp_path / "expected" / "model.safetensors"),
+    safetensors.torch.load_file(tmp_path / "torch" / "model.safetensors"),
+  )
   model = load_model(tmp_path / "run", scan_layers=False)
   assert model.config == dataclasses.replace(config.model, scan_layers=False)
   np.testing.assert_array_equal(model.wte[...], step_1["wte"])

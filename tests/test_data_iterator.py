@@ -32,13 +32,22 @@ def dataset(tmp_path_factory) -> shards.PreparedDataset:
       entries.append(dict(file=file, rows=count, sha256=sha256))
     sources[name] = dict(rate=RATES[name], rows=rows, stats={"documents": rows}, shards=entries)
   tokenizer = dict(sha256="0" * 64, vocab_size=4096, eos_id=0)
-  shards.write_manifest(directory, dict(format=shards.FORMAT_VERSION, mixture="test", seq_len=SEQ_LEN, tokenizer=tokenizer, sources=sources))
+  shards.write_manifest(
+    directory, dict(format=shards.FORMAT_VERSION, mixture="test", seq_len=SEQ_LEN, tokenizer=tokenizer, sources=sources)
+  )
   return shards.PreparedDataset(directory)
 
 
 def make_iterator(dataset, *, seed=3, global_batch_size=12, process_index=0, process_count=1, **outputs):
-  return TrainIterator(dataset, seed=seed, global_batch_size=global_batch_size, process_index=process_index,
-                       process_count=process_count, eos_id=0, **outputs)
+  return TrainIterator(
+    dataset,
+    seed=seed,
+    global_batch_size=global_batch_size,
+    process_index=process_index,
+    process_count=process_count,
+    eos_id=0,
+    **outputs,
+  )
 
 
 def take(iterator, n):

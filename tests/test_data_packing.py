@@ -15,8 +15,8 @@ from mpt_jax.data.tasks import pack_rows
 
 def packed(documents, length):
   dataset = tf.data.Dataset.from_generator(
-      lambda: ({"targets": np.array(d, np.int32)} for d in documents),
-      output_signature={"targets": tf.TensorSpec([None], tf.int32)},
+    lambda: ({"targets": np.array(d, np.int32)} for d in documents),
+    output_signature={"targets": tf.TensorSpec([None], tf.int32)},
   )
   return [row["targets"].tolist() for row in pack_rows(dataset, {"targets": length}, None).as_numpy_iterator()]
 

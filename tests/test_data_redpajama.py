@@ -88,7 +88,9 @@ def test_training_iterator_reads_the_prepared_mixture(config, prepared):
 
 
 def test_unprepared_data_is_an_error_naming_the_command(config):
-  train = TrainConfig(data=dataclasses.replace(config, seed=1, prepared_dir=config.prepared_dir + "-none"), seq_len=SEQ_LEN)
+  train = TrainConfig(
+    data=dataclasses.replace(config, seed=1, prepared_dir=config.prepared_dir + "-none"), seq_len=SEQ_LEN
+  )
   with pytest.raises(FileNotFoundError, match="mpt_jax.data.prepare"):
     make_train_iterator(train, process_index=0, process_count=1)
 
@@ -124,16 +126,25 @@ class TinyWiki(tfds.core.GeneratorBasedBuilder):
 
 def test_a_tfds_dataset_is_a_source(config, tmp_path):
   TinyWiki(data_dir=str(tmp_path)).download_and_prepare()
-  data = dataclasses.replace(config, mixture="redpajama_wikipedia", source_patterns=("wikipedia=tfds:tiny_wiki",),
-                             tfds_data_dir=str(tmp_path), prepared_dir=str(tmp_path / "prepared"))
+  data = dataclasses.replace(
+    config,
+    mixture="redpajama_wikipedia",
+    source_patterns=("wikipedia=tfds:tiny_wiki",),
+    tfds_data_dir=str(tmp_path),
+    prepared_dir=str(tmp_path / "prepared"),
+  )
   vocabulary = load_tokenizer(data)
   dataset = shards.PreparedDataset(prepare.prepare(data, SEQ_LEN))
   source = dataset.manifest["sources"]["redpajama_wikipedia"]
   assert source["stats"] == {"documents": 25, "empty_text": 5}
   ordered = tfds.builder("tiny_wiki", data_dir=str(tmp_path)).as_dataset(split="train", shuffle_files=False)
-  direct = np.concatenate([vocabulary.encode(t.decode()) + [0] for t in (ex["text"] for ex in tfds.as_numpy(ordered)) if t])
+  direct = np.concatenate(
+    [vocabulary.encode(t.decode()) + [0] for t in (ex["text"] for ex in tfds.as_numpy(ordered)) if t]
+  )
   rows = len(direct) // SEQ_LEN
-  np.testing.assert_array_equal(dataset.read(np.zeros(rows, int), np.arange(rows)), direct[: rows * SEQ_LEN].reshape(rows, SEQ_LEN))
+  np.testing.assert_array_equal(
+    dataset.read(np.zeros(rows, int), np.arange(rows)), direct[: rows * SEQ_LEN].reshape(rows, SEQ_LEN)
+  )
 
 
 def _write_jsonl(path, texts):
@@ -142,8 +153,12 @@ def _write_jsonl(path, texts):
 
 
 def _c4_only(config, tmp_path) -> DataConfig:
-  return dataclasses.replace(config, mixture="redpajama_c4", source_patterns=(f"c4={tmp_path}/c4/*.jsonl*",),
-                             prepared_dir=str(tmp_path / "prepared"))
+  return dataclasses.replace(
+    config,
+    mixture="redpajama_c4",
+    source_patterns=(f"c4={tmp_path}/c4/*.jsonl*",),
+    prepared_dir=str(tmp_path / "prepared"),
+  )
 
 
 def test_prepared_data_is_redone_after_its_input_files_change(config, tmp_path):
@@ -156,7 +171,10 @@ def test_prepared_data_is_redone_after_its_input_files_change(config, tmp_path):
   assert make_train_iterator(train, process_index=0, process_count=1).dataset.fingerprint == first.fingerprint
 
   _write_jsonl(tmp_path / "c4" / "b.jsonl", documents(rng, "c"))  # a file added
-  with pytest.raises(ValueError, match=r"is stale, its input files changed since: 1 added \(.*/c4/b.jsonl\); run `python -m mpt_jax.data.prepare`"):
+  with pytest.raises(
+    ValueError,
+    match=r"is stale, its input files changed since: 1 added \(.*/c4/b.jsonl\); run `python -m mpt_jax.data.prepare`",
+  ):
     make_train_iterator(train, process_index=0, process_count=1)
   second = shards.PreparedDataset(prepare.prepare(data, SEQ_LEN))
   _write_jsonl(tmp_path / "c4" / "a.jsonl", documents(rng, "c"))  # a file grown
@@ -169,19 +187,33 @@ def test_prepared_data_is_redone_after_its_input_files_change(config, tmp_path):
 def test_inputs_that_yield_no_row_fail_naming_each_file_and_cache_nothing(config, tmp_path, capsys):
   (tmp_path / "c4").mkdir()
   files = {
-      "empty.jsonl": (b"", "0 documents, skipped none"),
-      "malformed.jsonl": (b"{broken\n[1, 2]\n", "0 documents, skipped 1 malformed_json, 1 missing_text"),
-      "binary.jsonl": (bytes(range(256)) * 8, "0 documents, skipped "),
-      "fake.jsonl.zst": (b"this is not zstd", "0 documents, skipped 1 corrupt_file"),
+    "empty.jsonl": (b"", "0 documents, skipped none"),
+    "malformed.jsonl": (b"{broken\n[1, 2]\n", "0 documents, skipped 1 malformed_json, 1 missing_text"),
+    "binary.jsonl": (bytes(range(256)) * 8, "0 documents, skipped "),
+    "fake.jsonl.zst": (b"this is not zstd", "0 documents, skipped 1 corrupt_file"),
   }
   for name, (content, _) in files.items():
     (tmp_path / "c4" / name).write_bytes(content)
   data = _c4_only(config, tmp_path)
-  argv = ["--data.mixture", data.mixture, "--data.source-patterns", *data.source_patterns, "--data.tokenizer-path",
-          data.tokenizer_path, "--data.prepared-dir", data.prepared_dir, "--seq-len", str(SEQ_LEN), "--workers", "1"]
+  argv = [
+    "--data.mixture",
+    data.mixture,
+    "--data.source-patterns",
+    *data.source_patterns,
+    "--data.tokenizer-path",
+    data.tokenizer_path,
+    "--data.prepared-dir",
+    data.prepared_dir,
+    "--seq-len",
+    str(SEQ_LEN),
+    "--workers",
+    "1",
+  ]
   assert prepare.main(argv) == 2
   error = capsys.readouterr().err.split("\n")[-2]  # after the progress bar, one line
-  assert error.startswith(f"error: redpajama_c4 yields no full row of {SEQ_LEN} tokens, so nothing was prepared; per file: ")
+  assert error.startswith(
+    f"error: redpajama_c4 yields no full row of {SEQ_LEN} tokens, so nothing was prepared; per file: "
+  )
   for name, (_, summary) in files.items():
     assert f"{tmp_path / 'c4' / name}: {summary}" in error
   assert not (tmp_path / "prepared").exists() or not any((tmp_path / "prepared").iterdir())

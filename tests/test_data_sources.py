@@ -20,17 +20,17 @@ def write_jsonl(path, lines: list[bytes]):
 
 def test_bad_records_are_counted_and_skipped(tmp_path):
   lines = [
-      json.dumps({"text": GOOD[0], "meta": {}}).encode(),
-      b'{"text": "unterminated',
-      json.dumps({"meta": {"no": "text"}}).encode(),
-      json.dumps({"text": 42}).encode(),
-      json.dumps(["not", "an", "object"]).encode(),
-      json.dumps({"text": "  \n "}).encode(),
-      b'{"text": "latin-1 \xe9t\xe9"}',
-      json.dumps({"text": "lone \ud800 surrogate"}).encode(),
-      b"",
-      json.dumps({"text": GOOD[1]}).encode(),
-      json.dumps({"text": GOOD[2]}, ensure_ascii=False).encode(),
+    json.dumps({"text": GOOD[0], "meta": {}}).encode(),
+    b'{"text": "unterminated',
+    json.dumps({"meta": {"no": "text"}}).encode(),
+    json.dumps({"text": 42}).encode(),
+    json.dumps(["not", "an", "object"]).encode(),
+    json.dumps({"text": "  \n "}).encode(),
+    b'{"text": "latin-1 \xe9t\xe9"}',
+    json.dumps({"text": "lone \ud800 surrogate"}).encode(),
+    b"",
+    json.dumps({"text": GOOD[1]}).encode(),
+    json.dumps({"text": GOOD[2]}, ensure_ascii=False).encode(),
   ]
   stats = collections.Counter()
   texts = list(sources.read_jsonl_unit(write_jsonl(tmp_path / "bad.jsonl", lines), stats))
@@ -61,8 +61,9 @@ def test_compressed_files_are_read_whole(tmp_path, suffix, compress):
 
 
 # gzip notices the missing end; a zstd stream just ends, and its cut last line is malformed JSON.
-@pytest.mark.parametrize("suffix, compress, reason", [(".gz", gzip.compress, "corrupt_file"),
-                                                      (".zst", zstandard.compress, "malformed_json")])
+@pytest.mark.parametrize(
+  "suffix, compress, reason", [(".gz", gzip.compress, "corrupt_file"), (".zst", zstandard.compress, "malformed_json")]
+)
 def test_a_truncated_compressed_file_keeps_its_complete_records(tmp_path, suffix, compress, reason):
   texts = [f"document {i} " * 50 for i in range(400)]
   data = compress(b"".join(json.dumps({"text": t}).encode() + b"\n" for t in texts))

@@ -6,13 +6,14 @@ import tensorflow as tf
 import tokenizers
 
 from mpt_jax.config import DataConfig
-from mpt_jax.data import load_tokenizer, tokenizer as tokenizer_lib
+from mpt_jax.data import load_tokenizer
+from mpt_jax.data import tokenizer as tokenizer_lib
 from mpt_jax.data.tasks import HfVocabulary
 
 TEXTS = [
-    "Who's there? Nay, answer me: stand, and unfold yourself.",
-    "def f(x):\n    return x ** 2  # tabs\tand  spaces",
-    "Ünïcödé ñ 日本語 emoji 🙂 and a trailing space ",
+  "Who's there? Nay, answer me: stand, and unfold yourself.",
+  "def f(x):\n    return x ** 2  # tabs\tand  spaces",
+  "Ünïcödé ñ 日本語 emoji 🙂 and a trailing space ",
 ]
 
 
@@ -59,7 +60,9 @@ def test_missing_tokenizer_file_is_named(tmp_path):
     load_tokenizer(DataConfig(tokenizer_path=str(tmp_path / "nope.json")))
 
 
-@pytest.mark.parametrize("content", [b"not json", b'{"version": "1.0"}', b"\xff\xfe\x00 binary"], ids=["text", "json", "binary"])
+@pytest.mark.parametrize(
+  "content", [b"not json", b'{"version": "1.0"}', b"\xff\xfe\x00 binary"], ids=["text", "json", "binary"]
+)
 def test_a_file_that_is_not_a_tokenizer_is_named(tmp_path, content):
   path = tmp_path / "vocab.json"
   path.write_bytes(content)

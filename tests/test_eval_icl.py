@@ -35,7 +35,9 @@ class _Folded:
     return [i % FOLD for i in self.tokenizer.encode(text)]
 
 
-def _reference_requests(task: str, rows: list[dict], encode, spec: icl.TaskSpec) -> list[tuple[list[list[int]], list[list[int]], int]]:
+def _reference_requests(
+  task: str, rows: list[dict], encode, spec: icl.TaskSpec
+) -> list[tuple[list[list[int]], list[list[int]], int]]:
   """Per example (contexts, continuations, gold), written from llm-foundry's InContextLearning*Dataset code."""
   rows = [{k: v.strip() if isinstance(v, str) else v for k, v in row.items()} for row in rows]  # strip_data
   delimiter, between = spec.continuation_delimiter, spec.example_delimiter
@@ -90,7 +92,11 @@ def _transformers_scores(hf, requests: list[tuple[list[int], list[int]]]) -> lis
 @pytest.fixture(scope="module")
 def setup(convert_random_mpt, tokenizer_json):
   hf, folder = convert_random_mpt(FOLD)
-  return hf, checkpoint.load_model(folder, dtype="float32", attn_impl="xla"), _Folded(Tokenizer.from_file(tokenizer_json))
+  return (
+    hf,
+    checkpoint.load_model(folder, dtype="float32", attn_impl="xla"),
+    _Folded(Tokenizer.from_file(tokenizer_json)),
+  )
 
 
 @pytest.mark.parametrize("task", list(SHOTS))
@@ -105,7 +111,9 @@ def test_loglikelihoods_and_accuracy_match_transformers(setup, tokenizer_json, t
   encode = lambda text: [i % FOLD for i in raw.encode(text, add_special_tokens=False).ids]
   rows = [json.loads(line) for line in (DATA / f"{task}.jsonl").read_text().splitlines()]
   reference = _reference_requests(task, rows, encode, spec)
-  scores = iter(_transformers_scores(hf, [r for contexts, continuations, _ in reference for r in zip(contexts, continuations)]))
+  scores = iter(
+    _transformers_scores(hf, [r for contexts, continuations, _ in reference for r in zip(contexts, continuations)])
+  )
   correct, correct_per_token = [], []
   for (contexts, continuations, gold), loglik, greedy in zip(reference, result.loglik, result.greedy):
     scores_of_example = [next(scores) for _ in contexts]
@@ -152,7 +160,9 @@ def test_standard_names_and_files_get_their_prompting(tmp_path):
   assert icl.task_spec(str(other), continuation_delimiter=":") == icl.TaskSpec("mine", str(other), "schema", 0, ":")
 
 
-@pytest.mark.parametrize("line,match", [
+@pytest.mark.parametrize(
+  "line,match",
+  [
     ('{"query": "q", "choices": ["a", "b"], "gold": 1', r"mine.jsonl:3: not valid JSON"),
     ('["q", "a"]', r"mine.jsonl:3: expected a JSON object"),
     ('{"query": "q", "choices": ["a", "b"]}', r"mine.jsonl:3: missing field 'gold'"),
@@ -160,7 +170,8 @@ def test_standard_names_and_files_get_their_prompting(tmp_path):
     ('{"query": "q", "choices": ["a"], "gold": 0}', r"mine.jsonl:3: choices must be 2 or more strings"),
     ('{"query": 7, "choices": ["a", "b"], "gold": 0}', r"mine.jsonl:3: 'query' must be a str"),
     ('{"query": "q", "choices": ["a", "b"], "gold": true}', r"mine.jsonl:3: 'gold' must be a int"),
-])
+  ],
+)
 def test_malformed_lines_are_named(tmp_path, line, match):
   good = json.dumps({"query": "q", "choices": ["a", "b"], "gold": 0})
   path = tmp_path / "mine.jsonl"

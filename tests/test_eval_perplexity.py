@@ -30,8 +30,12 @@ def test_perplexity_is_exp_of_the_trainers_mean_loss_on_the_same_rows():
   with jax.set_mesh(mesh):
     setup = trainer.make_setup(config, mesh)
     state = setup.init()
-    ours, tokens = perplexity.mean_loss(nnx.merge(setup.graphdef, state.params), rows, batch_size=3, seq_len=32, progress=False)
-    _, step_metrics = setup.train_step(state, sharding.global_batch({"input_ids": rows}, mesh))  # loss before the update
+    ours, tokens = perplexity.mean_loss(
+      nnx.merge(setup.graphdef, state.params), rows, batch_size=3, seq_len=32, progress=False
+    )
+    _, step_metrics = setup.train_step(
+      state, sharding.global_batch({"input_ids": rows}, mesh)
+    )  # loss before the update
   assert tokens == 8 * 31
   np.testing.assert_allclose(np.exp(ours), np.exp(float(step_metrics["loss"])), rtol=1e-5)
 
@@ -43,7 +47,9 @@ def model():
 
 def test_rows_of_different_lengths_weigh_every_predicted_token_once(model):
   keys = jax.random.split(jax.random.key(2), 5)
-  rows = [np.asarray(jax.random.randint(k, (n,), 0, MODEL.vocab_size), np.int32) for k, n in zip(keys, [5, 32, 17, 2, 1])]
+  rows = [
+    np.asarray(jax.random.randint(k, (n,), 0, MODEL.vocab_size), np.int32) for k, n in zip(keys, [5, 32, 17, 2, 1])
+  ]
   loss, tokens = perplexity.mean_loss(model, rows, batch_size=2, seq_len=32, progress=False)
   forward = nnx.jit(lambda model, ids: model(ids))
   logits = [forward(model, row[None])[0] for row in rows]  # each row alone, unpadded
@@ -82,12 +88,15 @@ def test_seqio_task_rows():
 
   def dataset_fn(split, shuffle_files, seed=None):
     return tf.data.Dataset.from_tensor_slices({"targets": tf.ragged.constant([t.tolist() for t in tokens])}).map(
-        lambda x: {"targets": x["targets"]})
+      lambda x: {"targets": x["targets"]}
+    )
 
   seqio.TaskRegistry.remove("eval_test_rows")
   seqio.TaskRegistry.add(
-      "eval_test_rows", source=seqio.FunctionDataSource(dataset_fn, splits=["validation"]), preprocessors=[],
-      output_features={"targets": seqio.Feature(seqio.PassThroughVocabulary(97), add_eos=False, dtype=tf.int32)},
+    "eval_test_rows",
+    source=seqio.FunctionDataSource(dataset_fn, splits=["validation"]),
+    preprocessors=[],
+    output_features={"targets": seqio.Feature(seqio.PassThroughVocabulary(97), add_eos=False, dtype=tf.int32)},
   )
   rows = list(perplexity.seqio_rows("eval_test_rows:validation", 4, tokenizer=None))
   assert [r.tolist() for r in rows] == [[1, 2, 3, 4], [10, 11, 12]]  # trimmed to seq_len, like training rows

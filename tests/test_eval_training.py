@@ -32,15 +32,27 @@ def dataset(tmp_path_factory) -> shards.PreparedDataset:
   for name, rows in SOURCE_ROWS.items():
     values = rng.integers(1, MODEL.vocab_size, (rows, SEQ_LEN), dtype=np.int32)
     count, sha256 = shards.write_rows(directory / f"{name}/shard-00000.bin", values)
-    sources[name] = dict(rate=0.5, rows=count, stats={}, shards=[dict(file=f"{name}/shard-00000.bin", rows=count, sha256=sha256)])
+    sources[name] = dict(
+      rate=0.5, rows=count, stats={}, shards=[dict(file=f"{name}/shard-00000.bin", rows=count, sha256=sha256)]
+    )
   tokenizer = dict(sha256="0" * 64, vocab_size=MODEL.vocab_size, eos_id=0)
-  shards.write_manifest(directory, dict(format=shards.FORMAT_VERSION, mixture="test", seq_len=SEQ_LEN, tokenizer=tokenizer, sources=sources))
+  shards.write_manifest(
+    directory, dict(format=shards.FORMAT_VERSION, mixture="test", seq_len=SEQ_LEN, tokenizer=tokenizer, sources=sources)
+  )
   return shards.PreparedDataset(directory)
 
 
 def _iterator(dataset, heldout_rows, **kwargs):
-  return TrainIterator(dataset, seed=5, global_batch_size=8, process_index=0, process_count=1, eos_id=0,
-                       heldout_rows=heldout_rows, **kwargs)
+  return TrainIterator(
+    dataset,
+    seed=5,
+    global_batch_size=8,
+    process_index=0,
+    process_count=1,
+    eos_id=0,
+    heldout_rows=heldout_rows,
+    **kwargs,
+  )
 
 
 def _row_keys(dataset, rows: np.ndarray) -> set[bytes]:
@@ -50,9 +62,13 @@ def _row_keys(dataset, rows: np.ndarray) -> set[bytes]:
 def test_training_never_reads_the_heldout_rows_and_still_reads_every_other(dataset):
   heldout = dataset.read(*heldout_index(dataset, 3))
   assert heldout.shape == (6, SEQ_LEN)
-  everything = dataset.read(np.repeat([0, 1], list(SOURCE_ROWS.values())), np.concatenate([np.arange(n) for n in SOURCE_ROWS.values()]))
+  everything = dataset.read(
+    np.repeat([0, 1], list(SOURCE_ROWS.values())), np.concatenate([np.arange(n) for n in SOURCE_ROWS.values()])
+  )
   iterator = _iterator(dataset, 3)
-  seen = _row_keys(dataset, np.concatenate([next(iterator)["input_ids"] for _ in range(40)]))  # 320 rows: several epochs
+  seen = _row_keys(
+    dataset, np.concatenate([next(iterator)["input_ids"] for _ in range(40)])
+  )  # 320 rows: several epochs
   assert not seen & _row_keys(dataset, heldout)
   assert seen == _row_keys(dataset, everything) - _row_keys(dataset, heldout)
 
@@ -69,9 +85,16 @@ def test_eval_every_n_steps_is_logged_beside_the_training_loss(dataset, tmp_path
   tokenizer = tmp_path / "bpe.json"
   tokenizer.write_text(train_bpe([line for line in COPA.read_text().splitlines()], 120))
   config = TrainConfig(
-      model=MODEL, data=DataConfig(tokenizer_path=str(tokenizer)), optim=OptimConfig(lr=1e-2, warmup_steps=1),
-      eval=EvalConfig(every_steps=2, heldout_rows=3, icl_tasks=(str(COPA),), icl_max_examples=8, icl_batch_size=4),
-      workdir=str(tmp_path / "run"), seq_len=SEQ_LEN, global_batch_size=8, steps=5, log_every=1, sample_tokens=0,
+    model=MODEL,
+    data=DataConfig(tokenizer_path=str(tokenizer)),
+    optim=OptimConfig(lr=1e-2, warmup_steps=1),
+    eval=EvalConfig(every_steps=2, heldout_rows=3, icl_tasks=(str(COPA),), icl_max_examples=8, icl_batch_size=4),
+    workdir=str(tmp_path / "run"),
+    seq_len=SEQ_LEN,
+    global_batch_size=8,
+    steps=5,
+    log_every=1,
+    sample_tokens=0,
   )
   state = trainer.main(config, _iterator(dataset, 3))
   records = [json.loads(line) for line in (tmp_path / "run" / metrics.METRICS_FILE).read_text().splitlines()]
@@ -83,15 +106,26 @@ def test_eval_every_n_steps_is_logged_beside_the_training_loss(dataset, tmp_path
   graphdef, _ = nnx.split(MPTForCausalLM(MODEL, rngs=nnx.Rngs(0)))
   rows = dataset.read(*heldout_index(dataset, 3))
   logits = np.asarray(nnx.merge(graphdef, jax.device_get(state.params))(rows), np.float64)[:, :-1]
-  log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+  log_probs = (
+    logits
+    - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    - logits.max(-1, keepdims=True)
+  )
   expected = -np.mean(np.take_along_axis(log_probs, rows[:, 1:, None], axis=-1))
   np.testing.assert_allclose(evals[-1]["eval/loss"], expected, rtol=1e-5)
   assert evals[0]["eval/loss"] != evals[-1]["eval/loss"]
 
 
 def test_eval_needs_the_prepared_data_iterator(tmp_path):
-  config = TrainConfig(model=MODEL, eval=EvalConfig(every_steps=1), workdir=str(tmp_path), seq_len=SEQ_LEN,
-                       global_batch_size=8, steps=1, sample_tokens=0)
+  config = TrainConfig(
+    model=MODEL,
+    eval=EvalConfig(every_steps=1),
+    workdir=str(tmp_path),
+    seq_len=SEQ_LEN,
+    global_batch_size=8,
+    steps=1,
+    sample_tokens=0,
+  )
   synthetic = iter(lambda: {"input_ids": np.ones((8, SEQ_LEN), np.int32)}, None)
   with pytest.raises(ValueError, match="needs the prepared data's TrainIterator"):
     trainer.main(config, synthetic)
@@ -115,8 +149,13 @@ def test_loss_png_draws_the_heldout_loss_beside_the_training_loss(tmp_path, monk
     return plot(self, x, y, label=label, **kwargs)
 
   monkeypatch.setattr(Axes, "plot", recording_plot)
-  records = [dict(step=1, loss=3.0), dict(step=2, loss=2.0), dict(step=2, **{"eval/loss": 2.4}), dict(step=3, loss=1.5),
-             dict(step=2, loss=2.0)]  # step 2 replayed after a restart
+  records = [
+    dict(step=1, loss=3.0),
+    dict(step=2, loss=2.0),
+    dict(step=2, **{"eval/loss": 2.4}),
+    dict(step=3, loss=1.5),
+    dict(step=2, loss=2.0),
+  ]  # step 2 replayed after a restart
   (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
   metrics.plot_loss(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
   assert lines == [("train", [1, 2, 3], [3.0, 2.0, 1.5]), ("held-out", [2], [2.4])]

@@ -57,7 +57,9 @@ def test_per_row_positions_and_per_layer_cache_equal_each_row_alone():
   lengths = np.array([4, 9, 6])
   ids = np.asarray(jax.random.randint(jax.random.key(7), (3, 13), 0, CONFIG.vocab_size), np.int32)
   shape = (3, 16, CONFIG.n_heads, CONFIG.head_dim)
-  cache = model.init_cache(3, 16)._replace(**{kv: tuple(jnp.zeros(shape) for _ in range(CONFIG.n_layers)) for kv in "kv"})
+  cache = model.init_cache(3, 16)._replace(
+    **{kv: tuple(jnp.zeros(shape) for _ in range(CONFIG.n_layers)) for kv in "kv"}
+  )
   decode = nnx.jit(lambda model, ids, cache, position: model.decode(ids, cache, position))
   padded = np.where(np.arange(9) < lengths[:, None], ids[:, :9], 0)
   _, cache = decode(model, jnp.asarray(padded), cache, 0)
@@ -77,7 +79,9 @@ def test_cache_longer_than_max_seq_len_raises(model):
 def test_greedy_equals_transformers_generate(converted):
   hf, generator, _ = converted
   for prompt in _prompts(1, [5, 11]):
-    theirs = hf.generate(torch.tensor(prompt[None], dtype=torch.long), max_new_tokens=12, do_sample=False, pad_token_id=0)
+    theirs = hf.generate(
+      torch.tensor(prompt[None], dtype=torch.long), max_new_tokens=12, do_sample=False, pad_token_id=0
+    )
     (ours,) = generator([prompt], max_new_tokens=12, temperature=0.0)
     np.testing.assert_array_equal(ours, theirs[0, len(prompt) :].numpy())
 
@@ -156,7 +160,9 @@ def test_sampling_is_reproducible_per_key_and_differs_across_keys(model):
 def test_sample_frequencies_follow_the_truncated_distribution(top_k, top_p):
   """transformers' semantics: temperature, then the top_k tokens, then the fewest whose mass reaches top_p."""
   logits = jax.random.normal(jax.random.key(8), (7,)) * 1.5
-  draws = np.asarray(sample_logits(jnp.tile(logits, (40_000, 1)), jax.random.key(9), temperature=0.9, top_k=top_k, top_p=top_p))
+  draws = np.asarray(
+    sample_logits(jnp.tile(logits, (40_000, 1)), jax.random.key(9), temperature=0.9, top_k=top_k, top_p=top_p)
+  )
   probs = np.asarray(jax.nn.softmax(logits / 0.9), np.float64)
   order = np.argsort(-probs)
   keep = np.zeros(7, bool)
@@ -169,7 +175,9 @@ def test_sample_frequencies_follow_the_truncated_distribution(top_k, top_p):
   assert set(np.unique(draws)) == set(np.flatnonzero(keep))
 
 
-@pytest.mark.parametrize("kwargs,match", [
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
     (dict(prompts=[[3, 53]], max_new_tokens=2), "token id 53 at position 1: ids must be in"),
     (dict(prompts=[[4], [2, -1]], max_new_tokens=2), r"prompt 1 has token id -1"),
     (dict(prompts=[[1, 2]], max_new_tokens=-2), "max_new_tokens must be a positive integer, got -2"),
@@ -189,7 +197,8 @@ def test_sample_frequencies_follow_the_truncated_distribution(top_k, top_p):
     (dict(prompts=[[1, 2]], max_new_tokens=1, top_p=0.0), "top_p must be"),
     (dict(prompts=[[1, 2]], max_new_tokens=1, top_p=1.5), "top_p must be"),
     (dict(prompts=[[1, 2]], max_new_tokens=1, eos_id=53), "eos_id must be"),
-])
+  ],
+)
 def test_bad_arguments_raise(model, kwargs, match):
   with pytest.raises(ValueError, match=match):
     generate(model, **kwargs)
@@ -203,13 +212,22 @@ def test_cli_decodes_a_batch_of_prompts_of_different_lengths(converted_mpt, toke
 
   _, folder = converted_mpt
   (tmp_path / "prompts.txt").write_text("A much longer second prompt, several tokens in all\n\nThird\n")
-  args = generate_module.Args(model=str(folder), tokenizer=str(tokenizer_json), prompt=("Hello",),
-                              prompt_file=str(tmp_path / "prompts.txt"), max_new_tokens=6, temperature=0.0, dtype="float32")
+  args = generate_module.Args(
+    model=str(folder),
+    tokenizer=str(tokenizer_json),
+    prompt=("Hello",),
+    prompt_file=str(tmp_path / "prompts.txt"),
+    max_new_tokens=6,
+    temperature=0.0,
+    dtype="float32",
+  )
   completions = generate_module.main(args)
   tokenizer = Tokenizer.from_file(tokenizer_json)
   texts = ["Hello", "A much longer second prompt, several tokens in all", "Third"]
   model = checkpoint.load_model(folder, dtype="float32")
-  expected = generate(model, [tokenizer.encode(t) for t in texts], max_new_tokens=6, temperature=0.0, eos_id=tokenizer.eos_id)
+  expected = generate(
+    model, [tokenizer.encode(t) for t in texts], max_new_tokens=6, temperature=0.0, eos_id=tokenizer.eos_id
+  )
   assert completions == [tokenizer.decode(t[:-1] if t[-1] == tokenizer.eos_id else t) for t in expected]
   printed = capsys.readouterr().out
   assert all(f"--- {i}\n{text}{completion}" in printed for i, (text, completion) in enumerate(zip(texts, completions)))
@@ -217,8 +235,16 @@ def test_cli_decodes_a_batch_of_prompts_of_different_lengths(converted_mpt, toke
 
 def test_cli_streams_a_single_prompt(converted_mpt, tokenizer_json, capsys):
   _, folder = converted_mpt
-  args = generate_module.Args(model=str(folder), tokenizer=str(tokenizer_json), prompt=("Once upon a time",),
-                              max_new_tokens=8, temperature=0.7, top_p=0.9, seed=3, dtype="float32")
+  args = generate_module.Args(
+    model=str(folder),
+    tokenizer=str(tokenizer_json),
+    prompt=("Once upon a time",),
+    max_new_tokens=8,
+    temperature=0.7,
+    top_p=0.9,
+    seed=3,
+    dtype="float32",
+  )
   (completion,) = generate_module.main(args)
   assert completion and capsys.readouterr().out == f"Once upon a time{completion}\n"
 
@@ -228,13 +254,15 @@ def test_cli_bad_input_exits_with_a_clear_message(converted_mpt, tokenizer_json,
   small = tmp_path / "small-vocab"
   model_folder.save_model(MPTForCausalLM(CONFIG, rngs=nnx.Rngs(0)), small)
   cases = [
-      (dict(model=str(tmp_path / "missing")), "--model .*missing does not exist"),
-      (dict(model=str(small)), "has 50277 ids but the model's vocab_size is 53"),
-      (dict(prompt=("word " * 1100,)), r"prompt 0 has \d+ tokens: .* > max_seq_len=1024"),
-      (dict(prompt=(), prompt_file=str(tmp_path / "none.txt")), "--prompt-file .*none.txt does not exist"),
-      (dict(max_new_tokens=-2), "--max-new-tokens must be a positive integer, got -2"),
+    (dict(model=str(tmp_path / "missing")), "--model .*missing does not exist"),
+    (dict(model=str(small)), "has 50277 ids but the model's vocab_size is 53"),
+    (dict(prompt=("word " * 1100,)), r"prompt 0 has \d+ tokens: .* > max_seq_len=1024"),
+    (dict(prompt=(), prompt_file=str(tmp_path / "none.txt")), "--prompt-file .*none.txt does not exist"),
+    (dict(max_new_tokens=-2), "--max-new-tokens must be a positive integer, got -2"),
   ]
   for overrides, match in cases:
-    args = dataclasses.replace(generate_module.Args(model=str(folder), tokenizer=str(tokenizer_json), prompt=("Hi",)), **overrides)
+    args = dataclasses.replace(
+      generate_module.Args(model=str(folder), tokenizer=str(tokenizer_json), prompt=("Hi",)), **overrides
+    )
     with pytest.raises(SystemExit, match=match):
       generate_module.main(args)

@@ -38,8 +38,9 @@ def _inputs(seed, dtype):
 
 def _textbook(hidden, embedding, targets, weights, z_loss, logit_scale):
   """The same objective by autodiff through float32 logits of the bf16-rounded operands."""
-  logits = logit_scale * jnp.einsum("BTD,VD->BTV", hidden.astype(jnp.float32),
-                                    embedding.astype(hidden.dtype).astype(jnp.float32))
+  logits = logit_scale * jnp.einsum(
+    "BTD,VD->BTV", hidden.astype(jnp.float32), embedding.astype(hidden.dtype).astype(jnp.float32)
+  )
   ce, lse = loss.cross_entropy(logits, targets)
   return jnp.sum(weights * (ce + z_loss * lse**2)), jnp.sum(weights * ce)
 
@@ -49,12 +50,22 @@ def _textbook(hidden, embedding, targets, weights, z_loss, logit_scale):
 @pytest.mark.parametrize("z_loss, logit_scale", [(0.0, None), (1e-2, 0.7)], ids=["plain", "z_loss+scale"])
 def test_fused_head_cross_entropy_matches_the_textbook_loss(dtype, tolerance, chunk_positions, z_loss, logit_scale):
   hidden, embedding, targets, weights = _inputs(1, dtype)
-  fused = lambda h, e: loss.head_cross_entropy(h, e, targets, weights, z_loss=z_loss, logit_scale=logit_scale,  # noqa: E731
-                                               chunk_positions=chunk_positions)
+  fused = lambda h, e: loss.head_cross_entropy(
+    h,
+    e,
+    targets,
+    weights,
+    z_loss=z_loss,
+    logit_scale=logit_scale,  # noqa: E731
+    chunk_positions=chunk_positions,
+  )
   textbook = lambda h, e: _textbook(h, e, targets, weights, z_loss, 1.0 if logit_scale is None else logit_scale)  # noqa: E731
-  (objective, ce_sum), (d_hidden, d_embedding) = jax.value_and_grad(fused, argnums=(0, 1), has_aux=True)(hidden, embedding)
+  (objective, ce_sum), (d_hidden, d_embedding) = jax.value_and_grad(fused, argnums=(0, 1), has_aux=True)(
+    hidden, embedding
+  )
   (expected, expected_ce), (d_hidden_ref, d_embedding_ref) = jax.value_and_grad(textbook, argnums=(0, 1), has_aux=True)(
-      hidden, embedding)
+    hidden, embedding
+  )
   np.testing.assert_allclose(objective, expected, rtol=1e-5)
   np.testing.assert_allclose(ce_sum, expected_ce, rtol=1e-5)
   assert d_hidden.dtype == dtype and d_embedding.dtype == jnp.float32
@@ -67,5 +78,6 @@ def test_fused_head_cross_entropy_matches_the_textbook_loss(dtype, tolerance, ch
 def test_gradient_scales_with_the_objective_cotangent():
   hidden, embedding, targets, weights = _inputs(2, jnp.float32)
   grad = lambda scale: jax.grad(  # noqa: E731
-      lambda h: scale * loss.head_cross_entropy(h, embedding, targets, weights)[0])(hidden)
+    lambda h: scale * loss.head_cross_entropy(h, embedding, targets, weights)[0]
+  )(hidden)
   np.testing.assert_allclose(grad(-2.5), -2.5 * grad(1.0), rtol=1e-5)

@@ -21,13 +21,23 @@ def _hf_model(seed, *, n_heads=4, qk_ln=False, clip_qkv=None):
   """A tiny random MptForCausalLM; every parameter, LayerNorm scales included, drawn at random."""
   torch.manual_seed(seed)
   hf_config = transformers.MptConfig(
-      d_model=8 * n_heads, n_heads=n_heads, n_layers=3, expansion_ratio=4, max_seq_len=40, vocab_size=97,
-      no_bias=True, attn_config={"alibi": True, "alibi_bias_max": 8, "qk_ln": qk_ln, "clip_qkv": clip_qkv},
+    d_model=8 * n_heads,
+    n_heads=n_heads,
+    n_layers=3,
+    expansion_ratio=4,
+    max_seq_len=40,
+    vocab_size=97,
+    no_bias=True,
+    attn_config={"alibi": True, "alibi_bias_max": 8, "qk_ln": qk_ln, "clip_qkv": clip_qkv},
   )
   model = transformers.MptForCausalLM(hf_config).eval()
   with torch.no_grad():
     for name, p in model.named_parameters():
-      p.copy_(1.0 + 0.1 * torch.randn_like(p) if name.endswith("norm_1.weight") or "norm" in name else 0.3 * torch.randn_like(p))
+      p.copy_(
+        1.0 + 0.1 * torch.randn_like(p)
+        if name.endswith("norm_1.weight") or "norm" in name
+        else 0.3 * torch.randn_like(p)
+      )
   return model
 
 
@@ -40,17 +50,26 @@ def _copy_hf_weights(hf, model: MPTForCausalLM, q_ln=None, k_ln=None):
   layers = []
   for i in range(c.n_layers):
     p = f"transformer.blocks.{i}."
-    attn = {"qkv_proj": sd[p + "attn.Wqkv.weight"].T.reshape(d, 3, n, h),
-            "out_proj": sd[p + "attn.out_proj.weight"].T.reshape(n, h, d)}
+    attn = {
+      "qkv_proj": sd[p + "attn.Wqkv.weight"].T.reshape(d, 3, n, h),
+      "out_proj": sd[p + "attn.out_proj.weight"].T.reshape(n, h, d),
+    }
     if c.attn_qk_ln:
       attn["q_ln"] = {"scale": q_ln[i].weight.detach().numpy()}
       attn["k_ln"] = {"scale": k_ln[i].weight.detach().numpy()}
-    layers.append({
-        "ln_1": {"scale": sd[p + "norm_1.weight"]}, "ln_2": {"scale": sd[p + "norm_2.weight"]}, "attn": attn,
+    layers.append(
+      {
+        "ln_1": {"scale": sd[p + "norm_1.weight"]},
+        "ln_2": {"scale": sd[p + "norm_2.weight"]},
+        "attn": attn,
         "mlp": {"up_proj": sd[p + "ffn.up_proj.weight"].T, "down_proj": sd[p + "ffn.down_proj.weight"].T},
-    })
-  pure = {"wte": sd["transformer.wte.weight"], "ln_f": {"scale": sd["transformer.norm_f.weight"]},
-          "blocks": stack_layers(layers) if c.scan_layers else dict(enumerate(layers))}
+      }
+    )
+  pure = {
+    "wte": sd["transformer.wte.weight"],
+    "ln_f": {"scale": sd["transformer.norm_f.weight"]},
+    "blocks": stack_layers(layers) if c.scan_layers else dict(enumerate(layers)),
+  }
   state = nnx.state(model, nnx.Param)
   nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
   nnx.update(model, state)
@@ -210,11 +229,11 @@ def test_bfloat16_compute_stays_close_to_float32():
 # docs/model.md, Initialization, scaled to D=384, F=1536, L=6: kaiming fan_in, residual / sqrt(2L).
 MID = MPTConfig(d_model=384, n_heads=6, n_layers=6, max_seq_len=64, vocab_size=2048)
 EXPECTED_STD = {
-    ("wte",): np.sqrt(2 / 384),
-    ("blocks", "attn", "qkv_proj"): np.sqrt(2 / 384),
-    ("blocks", "attn", "out_proj"): np.sqrt(2 / 384) / np.sqrt(12),
-    ("blocks", "mlp", "up_proj"): np.sqrt(2 / 384),
-    ("blocks", "mlp", "down_proj"): np.sqrt(2 / 1536) / np.sqrt(12),
+  ("wte",): np.sqrt(2 / 384),
+  ("blocks", "attn", "qkv_proj"): np.sqrt(2 / 384),
+  ("blocks", "attn", "out_proj"): np.sqrt(2 / 384) / np.sqrt(12),
+  ("blocks", "mlp", "up_proj"): np.sqrt(2 / 384),
+  ("blocks", "mlp", "down_proj"): np.sqrt(2 / 1536) / np.sqrt(12),
 }
 
 
@@ -245,11 +264,14 @@ def test_every_parameter_has_logical_axis_names():
       assert axes[0] == "layers", path
 
 
-@pytest.mark.parametrize("bad_input,match", [
+@pytest.mark.parametrize(
+  "bad_input,match",
+  [
     (np.zeros((2, 65), np.int32), "max_seq_len"),
     (np.zeros((2, 8), np.float32), "integer"),
     (np.zeros((8,), np.int32), "integer"),
-])
+  ],
+)
 def test_bad_inputs_raise(bad_input, match):
   model = MPTForCausalLM(TINY, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=match):

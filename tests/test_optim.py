@@ -16,16 +16,16 @@ MIDDLE = WARMUP + (TOTAL - WARMUP) // 2
 
 
 @pytest.mark.parametrize(
-    "step, multiplier",
-    [
-        (0, 0.0),
-        (WARMUP // 4, 0.25),
-        (WARMUP, 1.0),
-        (MIDDLE, ALPHA_F + (1 - ALPHA_F) * 0.5 * (1 + math.cos(math.pi * (MIDDLE - WARMUP) / (TOTAL - WARMUP)))),
-        (TOTAL, ALPHA_F),
-        (TOTAL + 1000, ALPHA_F),
-    ],
-    ids=lambda x: f"{x}",
+  "step, multiplier",
+  [
+    (0, 0.0),
+    (WARMUP // 4, 0.25),
+    (WARMUP, 1.0),
+    (MIDDLE, ALPHA_F + (1 - ALPHA_F) * 0.5 * (1 + math.cos(math.pi * (MIDDLE - WARMUP) / (TOTAL - WARMUP)))),
+    (TOTAL, ALPHA_F),
+    (TOTAL + 1000, ALPHA_F),
+  ],
+  ids=lambda x: f"{x}",
 )
 def test_cosine_with_warmup_closed_form(step, multiplier):
   schedule = cosine_with_warmup(LR, warmup_steps=WARMUP, total_steps=TOTAL, alpha_f=ALPHA_F)
@@ -86,8 +86,11 @@ def test_optimizer_matches_composer_update_rule(name):
   params = {"w": jax.random.normal(keys[0], (5, 3)), "b": jax.random.normal(keys[1], (7,))}
   # Norms far above and below the clipping threshold, so a missing or misplaced clip shows.
   grads_per_step = [
-      {"w": jax.random.normal(keys[2 + 2 * i], (5, 3)) * 10.0 ** (i % 3 - 1), "b": jax.random.normal(keys[3 + 2 * i], (7,))}
-      for i in range(total)
+    {
+      "w": jax.random.normal(keys[2 + 2 * i], (5, 3)) * 10.0 ** (i % 3 - 1),
+      "b": jax.random.normal(keys[3 + 2 * i], (7,)),
+    }
+    for i in range(total)
   ]
   tx, _ = make_optimizer(config, total)
   got = _run(tx, params, grads_per_step, config.grad_clip_norm)
@@ -110,8 +113,12 @@ def test_weight_decay_follows_the_schedule_shape_not_its_scale(name):
 
 
 @pytest.mark.parametrize(
-    "field, value, message",
-    [("lr", 0.0, "OptimConfig.lr must be positive"), ("alpha_f", 1.5, "0 <= alpha_f <= 1"), ("name", "sgd", "OptimConfig.name")],
+  "field, value, message",
+  [
+    ("lr", 0.0, "OptimConfig.lr must be positive"),
+    ("alpha_f", 1.5, "0 <= alpha_f <= 1"),
+    ("name", "sgd", "OptimConfig.name"),
+  ],
 )
 def test_bad_optim_config_names_the_field(field, value, message):
   with pytest.raises(ValueError, match=message):

@@ -13,14 +13,14 @@ TINY = MPTConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=128, max_seq_len=
 
 
 @pytest.mark.parametrize(
-    "config, expected",
-    [
-        (MeshConfig(), (1, 8, 1)),
-        (MeshConfig(data=2, fsdp=-1, tensor=2), (2, 2, 2)),
-        (MeshConfig(data=-1, fsdp=4, tensor=1), (2, 4, 1)),
-        (MeshConfig(data=1, fsdp=4, tensor=2), (1, 4, 2)),
-    ],
-    ids=lambda x: str(x).split(", multi")[0] if isinstance(x, MeshConfig) else None,
+  "config, expected",
+  [
+    (MeshConfig(), (1, 8, 1)),
+    (MeshConfig(data=2, fsdp=-1, tensor=2), (2, 2, 2)),
+    (MeshConfig(data=-1, fsdp=4, tensor=1), (2, 4, 1)),
+    (MeshConfig(data=1, fsdp=4, tensor=2), (1, 4, 2)),
+  ],
+  ids=lambda x: str(x).split(", multi")[0] if isinstance(x, MeshConfig) else None,
 )
 def test_mesh_shape_resolves_the_free_axis(config, expected):
   assert sharding.mesh_shape(config, 8) == expected
@@ -30,12 +30,12 @@ def test_mesh_shape_resolves_the_free_axis(config, expected):
 
 
 @pytest.mark.parametrize(
-    "config, message",
-    [
-        (MeshConfig(data=2, fsdp=2, tensor=1), r"needs 4 devices, but there are 8"),
-        (MeshConfig(data=3, fsdp=-1, tensor=1), r"not divisible by the fixed axes \(3\)"),
-    ],
-    ids=lambda x: str(x).split(", multi")[0] if isinstance(x, MeshConfig) else None,
+  "config, message",
+  [
+    (MeshConfig(data=2, fsdp=2, tensor=1), r"needs 4 devices, but there are 8"),
+    (MeshConfig(data=3, fsdp=-1, tensor=1), r"not divisible by the fixed axes \(3\)"),
+  ],
+  ids=lambda x: str(x).split(", multi")[0] if isinstance(x, MeshConfig) else None,
 )
 def test_mesh_shape_names_the_mismatch(config, message):
   with pytest.raises(ValueError, match=message):
@@ -45,7 +45,7 @@ def test_mesh_shape_names_the_mismatch(config, message):
 def test_logical_axes_map_to_mesh_axes_and_indivisible_axes_stay_whole():
   mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
   assert sharding.mesh_spec(P("layers", "embed", None, "heads", "head_dim"), (2, 64, 3, 4, 16), mesh) == P(
-      None, "fsdp", None, "tensor", None
+    None, "fsdp", None, "tensor", None
   )
   assert sharding.mesh_spec(P("vocab", "embed"), (128, 64), mesh) == P("tensor", "fsdp")
   assert sharding.mesh_spec(P("vocab", "embed"), (127, 6), mesh) == P(None, None)
@@ -60,7 +60,11 @@ def test_state_is_born_sharded_and_moments_follow_their_params():
     state = trainer.make_setup(config, mesh).init()
   params = jax.tree.leaves(state.params)
   assert all(x.sharding.mesh == mesh for x in params)
-  for weight in (state.params["wte"], state.params["blocks"]["mlp"]["up_proj"], state.params["blocks"]["attn"]["qkv_proj"]):
+  for weight in (
+    state.params["wte"],
+    state.params["blocks"]["mlp"]["up_proj"],
+    state.params["blocks"]["attn"]["qkv_proj"],
+  ):
     # Each device holds 1/8 of a weight sharded over fsdp (4) and tensor (2): nothing replicated.
     assert weight[...].addressable_shards[0].data.size == weight[...].size // 8
   for moment in (optax.tree_utils.tree_get(state.opt_state, "mu"), optax.tree_utils.tree_get(state.opt_state, "nu")):

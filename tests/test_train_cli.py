@@ -22,15 +22,15 @@ def _config(workdir, **mesh_fields):
 
   model = MPTConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=128, max_seq_len=32, dtype="float32", attn_impl="xla")
   return TrainConfig(
-      model=model,
-      mesh=MeshConfig(data=2, fsdp=4, tensor=1, **mesh_fields),
-      optim=OptimConfig(lr=1e-3, warmup_steps=1),
-      workdir=str(workdir),
-      seq_len=32,
-      global_batch_size=8,
-      steps=3,
-      log_every=1,
-      sample_tokens=0,
+    model=model,
+    mesh=MeshConfig(data=2, fsdp=4, tensor=1, **mesh_fields),
+    optim=OptimConfig(lr=1e-3, warmup_steps=1),
+    workdir=str(workdir),
+    seq_len=32,
+    global_batch_size=8,
+    steps=3,
+    log_every=1,
+    sample_tokens=0,
   )
 
 
@@ -58,16 +58,21 @@ def test_two_processes_match_one_process_on_eight_devices(tmp_path):
   from mpt_jax import trainer
 
   port = _free_port()
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+  env = {
+    **os.environ,
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    "JAX_PLATFORMS": "cpu",
+    "PYTHONPATH": str(ROOT),
+  }
   workers = [
-      subprocess.Popen(
-          [sys.executable, __file__, str(i), str(port), str(tmp_path / "two")],
-          env=env,
-          stdout=subprocess.PIPE,
-          stderr=subprocess.STDOUT,
-          text=True,
-      )
-      for i in range(2)
+    subprocess.Popen(
+      [sys.executable, __file__, str(i), str(port), str(tmp_path / "two")],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
   ]
   config = _config(tmp_path / "one")
   trainer.main(config, _synthetic_rows(config, process_index=0, process_count=1))
@@ -90,8 +95,11 @@ def test_cli_parses_preset_and_overrides():
   assert published.micro_batch_size == 11
 
 
-@pytest.mark.parametrize("flags", [["--steps", "-5"], ["--log-every", "0"], ["--global-batch-size", "0"], ["--seq-len", "0"]],
-                         ids=lambda flags: " ".join(flags))
+@pytest.mark.parametrize(
+  "flags",
+  [["--steps", "-5"], ["--log-every", "0"], ["--global-batch-size", "0"], ["--seq-len", "0"]],
+  ids=lambda flags: " ".join(flags),
+)
 def test_a_bad_value_is_one_error_line_exit_2_and_writes_nothing(tmp_path, capsys, flags):
   import train
 
@@ -103,12 +111,23 @@ def test_a_bad_value_is_one_error_line_exit_2_and_writes_nothing(tmp_path, capsy
 
 def test_default_run_writes_tensorboard_jsonl_and_png(tmp_path):
   result = subprocess.run(
-      [sys.executable, "train.py", "--workdir", str(tmp_path), "--steps", "4", "--log_every", "2", "--sample_tokens", "4"],
-      cwd=ROOT,
-      env={**os.environ, "JAX_PLATFORMS": "cpu"},
-      capture_output=True,
-      text=True,
-      timeout=300,
+    [
+      sys.executable,
+      "train.py",
+      "--workdir",
+      str(tmp_path),
+      "--steps",
+      "4",
+      "--log_every",
+      "2",
+      "--sample_tokens",
+      "4",
+    ],
+    cwd=ROOT,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    capture_output=True,
+    text=True,
+    timeout=300,
   )
   assert result.returncode == 0, result.stderr[-3000:]
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -16,12 +16,12 @@ from mpt_jax.optim import make_optimizer
 
 TINY = MPTConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=128, max_seq_len=32, dtype="float32", attn_impl="xla")
 CONFIG = TrainConfig(
-    model=TINY,
-    optim=OptimConfig(lr=1e-3, warmup_steps=1, weight_decay=0.1),
-    seq_len=32,
-    global_batch_size=8,
-    steps=3,
-    z_loss=1e-3,
+  model=TINY,
+  optim=OptimConfig(lr=1e-3, warmup_steps=1, weight_decay=0.1),
+  seq_len=32,
+  global_batch_size=8,
+  steps=3,
+  z_loss=1e-3,
 )
 
 
@@ -76,7 +76,11 @@ def one_device_run():
   return _train(CONFIG, jax.devices()[:1], _batches(1, 3, segment_ids=True))
 
 
-@pytest.mark.parametrize("mesh", [MeshConfig(data=2, fsdp=4, tensor=1), MeshConfig(data=1, fsdp=4, tensor=2)], ids=lambda m: f"{m.data}x{m.fsdp}x{m.tensor}")
+@pytest.mark.parametrize(
+  "mesh",
+  [MeshConfig(data=2, fsdp=4, tensor=1), MeshConfig(data=1, fsdp=4, tensor=2)],
+  ids=lambda m: f"{m.data}x{m.fsdp}x{m.tensor}",
+)
 def test_sharded_training_matches_one_device(one_device_run, mesh):
   config = dataclasses.replace(CONFIG, mesh=mesh)
   losses, _ = one_device_run
@@ -93,8 +97,12 @@ def test_train_step_equals_a_textbook_step(one_device_run):
   """Fused head + loss, clipping outside the optimizer chain and the select-based NaN guard
   leave the maths of the plain recipe: logits -> mean cross-entropy + z-loss -> grad ->
   optax clip_by_global_norm -> AdamW."""
-  graphdef, params = nnx.split(MPTForCausalLM(CONFIG.model, rngs=nnx.Rngs(params=jax.random.split(jax.random.key(CONFIG.seed))[0])))
-  tx = optax.chain(optax.clip_by_global_norm(CONFIG.optim.grad_clip_norm), make_optimizer(CONFIG.optim, CONFIG.steps)[0])
+  graphdef, params = nnx.split(
+    MPTForCausalLM(CONFIG.model, rngs=nnx.Rngs(params=jax.random.split(jax.random.key(CONFIG.seed))[0]))
+  )
+  tx = optax.chain(
+    optax.clip_by_global_norm(CONFIG.optim.grad_clip_norm), make_optimizer(CONFIG.optim, CONFIG.steps)[0]
+  )
 
   def objective(params, rows):
     ids, segments = rows["input_ids"], rows["segment_ids"]
@@ -135,5 +143,7 @@ def test_mfu_uses_llm_foundry_flop_count_for_the_1b_preset():
   assert metrics.peak_flops("NVIDIA H100 80GB HBM3") == 989.5e12
   assert metrics.peak_flops("NVIDIA A100-SXM4-40GB") == 312e12
   assert metrics.peak_flops("cpu") is None
-  np.testing.assert_allclose(metrics.mfu(49_100, per_token, 1, 989.5e12), 0.45, rtol=2e-3)  # 45% MFU ~ 49.1k tok/s on an H100
+  np.testing.assert_allclose(
+    metrics.mfu(49_100, per_token, 1, 989.5e12), 0.45, rtol=2e-3
+  )  # 45% MFU ~ 49.1k tok/s on an H100
   assert metrics.mfu(49_100, per_token, 1, None) is None

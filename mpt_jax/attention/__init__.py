@@ -35,8 +35,9 @@ class MeshAxes(NamedTuple):
   heads: str | None = "tensor"  # splits the heads; None: heads stay whole
 
 
-def dot_product_attention(q, k, v, *, slopes, segment_ids=None, causal=True, scale=None, impl="auto", q_offset=None,
-                          axes: MeshAxes = MeshAxes()):
+def dot_product_attention(
+  q, k, v, *, slopes, segment_ids=None, causal=True, scale=None, impl="auto", q_offset=None, axes: MeshAxes = MeshAxes()
+):
   """ALiBi attention. q: [B, T, N, H]; k, v: [B, S, N, H]; slopes: [N]; segment_ids: [B, S].
 
   ``q_offset`` (a scalar or int [B], may be traced): cached decoding, the queries sit at
@@ -52,8 +53,9 @@ def dot_product_attention(q, k, v, *, slopes, segment_ids=None, causal=True, sca
   if q_offset is not None:  # a few queries against a long cache
     if q.shape[1] == 1 and segment_ids is None and causal:
       return decode.attention(q, k, v, slopes=slopes, scale=scale, q_offset=q_offset)
-    return reference.attention(q, k, v, slopes=slopes, segment_ids=segment_ids, causal=causal, scale=scale,
-                               q_offset=q_offset)
+    return reference.attention(
+      q, k, v, slopes=slopes, segment_ids=segment_ids, causal=causal, scale=scale, q_offset=q_offset
+    )
   if impl == "auto":
     impl = "pallas" if jax.default_backend() == "gpu" and pallas_triton.supports(q, k) else "xla"
   if impl == "xla":
@@ -78,7 +80,7 @@ def _cudnn_attention(q, k, v, *, slopes, segment_ids, causal, scale):
   if segment_ids is not None:
     mask = (segment_ids[:, s - t :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, T, S]
   return jax.nn.dot_product_attention(
-      q, k, v, bias=bias, mask=mask, scale=scale, is_causal=causal, implementation="cudnn"
+    q, k, v, bias=bias, mask=mask, scale=scale, is_causal=causal, implementation="cudnn"
   )
 
 
@@ -91,7 +93,7 @@ def _pallas_attention(q, k, v, *, slopes, segment_ids, causal, scale, axes: Mesh
   their dimension leave that dimension whole.
   """
   attend = functools.partial(
-      pallas_triton.flash_attention, causal=causal, scale=scale, interpret=jax.default_backend() != "gpu"
+    pallas_triton.flash_attention, causal=causal, scale=scale, interpret=jax.default_backend() != "gpu"
   )
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:

@@ -124,8 +124,20 @@ def query_tile(q_ref, segment_ids_ref, slope_ref, *, seq_len: int, ragged: bool)
   return QueryTile(start, pos, valid, load(q_ref, valid), segment, slope_ref[...], start.astype(jnp.float32))
 
 
-def key_tile_scores(query: QueryTile, k_ref, v_ref, segment_ids_ref, k_block, *, block_k: int, seq_len: int,
-                    ragged: bool, masked: bool, causal: bool, scale: float):
+def key_tile_scores(
+  query: QueryTile,
+  k_ref,
+  v_ref,
+  segment_ids_ref,
+  k_block,
+  *,
+  block_k: int,
+  seq_len: int,
+  ragged: bool,
+  masked: bool,
+  causal: bool,
+  scale: float,
+):
   """Loads key block ``k_block`` and scores the query tile against it: (s [block_q, block_k], k, v).
 
   ``masked`` blocks (on the diagonal, or the ragged last one) apply the causal and bounds
@@ -140,11 +152,17 @@ def key_tile_scores(query: QueryTile, k_ref, v_ref, segment_ids_ref, k_block, *,
   if segment_ids_ref is not None:
     k_segment = load(segment_ids_ref.at[pl.ds(k_start, block_k)], k_valid)[None, :]
   s = scores(
-      dot(query.q, k, trans_b=True),
-      bias=alibi_key_term(query.slope, query.pos[:, None], k_pos[None, :], origin=query.origin, causal=causal),
-      keep=keep_mask(query.pos[:, None], k_pos[None, :], query.segment, k_segment, causal=masked and causal,
-                     seq_len=seq_len if masked and ragged else None),
-      scale=scale,
+    dot(query.q, k, trans_b=True),
+    bias=alibi_key_term(query.slope, query.pos[:, None], k_pos[None, :], origin=query.origin, causal=causal),
+    keep=keep_mask(
+      query.pos[:, None],
+      k_pos[None, :],
+      query.segment,
+      k_segment,
+      causal=masked and causal,
+      seq_len=seq_len if masked and ragged else None,
+    ),
+    scale=scale,
   )
   return s, k, v
 
@@ -215,8 +233,7 @@ def segment_block_ranges(segment_ids, *, block_q: int, block_k: int):
   return tuple(x.astype(jnp.int32) for x in k_range), tuple(x.astype(jnp.int32) for x in q_range)
 
 
-def segment_operands(segment_ids, *, block_q: int, block_k: int, grid_over: Literal["q", "k"],
-                     block_index=lambda i: i):
+def segment_operands(segment_ids, *, block_q: int, block_k: int, grid_over: Literal["q", "k"], block_index=lambda i: i):
   """In-specs and operands for a kernel's segment ids and the range of partner blocks of its block.
 
   ``grid_over``: "q" for a grid over query blocks (ranges of key blocks), "k" for one over

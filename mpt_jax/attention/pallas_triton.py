@@ -69,10 +69,10 @@ class BlockSizes:
   def fit(self, seq_len: int) -> "BlockSizes":
     """These sizes with every block shortened to the sequence (rounded up to a power of two)."""
     longest = max(MIN_BLOCK, pl.next_power_of_2(seq_len))
-    return dataclasses.replace(self, **{
-        f.name: min(getattr(self, f.name), longest)
-        for f in dataclasses.fields(self) if f.name.startswith("block")
-    })
+    return dataclasses.replace(
+      self,
+      **{f.name: min(getattr(self, f.name), longest) for f in dataclasses.fields(self) if f.name.startswith("block")},
+    )
 
 
 def supports(q, k) -> bool:
@@ -82,8 +82,7 @@ def supports(q, k) -> bool:
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "block_sizes", "interpret"))
-def flash_attention(q, k, v, *, slopes, segment_ids=None, causal=True, scale=None, block_sizes=None,
-                    interpret=False):
+def flash_attention(q, k, v, *, slopes, segment_ids=None, causal=True, scale=None, block_sizes=None, interpret=False):
   """ALiBi flash attention; the same function as ``reference.attention`` with T == S.
 
   Args:
@@ -111,18 +110,19 @@ def flash_attention(q, k, v, *, slopes, segment_ids=None, causal=True, scale=Non
     raise ValueError(f"slopes must be [N] = [{heads}], got {jnp.shape(slopes)=}")
   if segment_ids is not None:
     if segment_ids.shape != (batch, seq_len) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-      raise ValueError(f"segment_ids must be int [B, T] = [{batch}, {seq_len}], got "
-                       f"{segment_ids.shape=} {segment_ids.dtype=}")
+      raise ValueError(
+        f"segment_ids must be int [B, T] = [{batch}, {seq_len}], got {segment_ids.shape=} {segment_ids.dtype=}"
+      )
     segment_ids = segment_ids.astype(jnp.int32)
   if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
     raise ValueError(f"scale must be a positive Python number or None, got {scale=}")
   if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
     raise ValueError(f"block_sizes must be a BlockSizes or None, got {block_sizes=}")
   statics = _Statics(
-      causal=causal,
-      scale=head_dim**-0.5 if scale is None else float(scale),
-      block_sizes=(block_sizes or BlockSizes()).fit(seq_len),
-      interpret=interpret,
+    causal=causal,
+    scale=head_dim**-0.5 if scale is None else float(scale),
+    block_sizes=(block_sizes or BlockSizes()).fit(seq_len),
+    interpret=interpret,
   )
   return _attention(q, k, v, jnp.asarray(slopes, jnp.float32), segment_ids, statics=statics)
 
@@ -150,9 +150,18 @@ def _attention_fwd(q, k, v, slopes, segment_ids, statics):
 def _attention_bwd(statics, residuals, d_out):
   q, k, v, slopes, segment_ids, out, lse = residuals
   dq, dk, dv = pallas_triton_vjp.backward(
-      q, k, v, slopes, segment_ids, out, lse, d_out,
-      causal=statics.causal, scale=statics.scale, block_sizes=statics.block_sizes,
-      interpret=statics.interpret,
+    q,
+    k,
+    v,
+    slopes,
+    segment_ids,
+    out,
+    lse,
+    d_out,
+    causal=statics.causal,
+    scale=statics.scale,
+    block_sizes=statics.block_sizes,
+    interpret=statics.interpret,
   )
   # ALiBi slopes are constants of the model and segment ids are integers: no cotangents.
   return dq, dk, dv, None, None
@@ -170,30 +179,43 @@ def _forward(q, k, v, slopes, segment_ids, statics: _Statics):
   q_block = functools.partial(tiles.heaviest_first, num_blocks=num_q_blocks)
   q_spec = pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, h: (b, q_block(i), h, 0))
   kv_spec = pl.BlockSpec((None, seq_len, None, head_dim), lambda i, b, h: (b, 0, h, 0))
-  segment_specs, segment_args = tiles.segment_operands(segment_ids, block_q=block_q, block_k=blocks.block_k,
-                                                       grid_over="q", block_index=q_block)
+  segment_specs, segment_args = tiles.segment_operands(
+    segment_ids, block_q=block_q, block_k=blocks.block_k, grid_over="q", block_index=q_block
+  )
   out, lse = pl.pallas_call(
-      functools.partial(_forward_kernel, causal=statics.causal, scale=statics.scale,
-                        block_k=blocks.block_k),
-      # Query blocks vary fastest, so the programs running together share one head's keys
-      # and values in L2.
-      grid=(num_q_blocks, batch, heads),
-      in_specs=[q_spec, kv_spec, kv_spec, pl.BlockSpec((None,), lambda i, b, h: (h,)), *segment_specs],
-      out_specs=[q_spec, pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, q_block(i)))],
-      out_shape=[
-          jax.ShapeDtypeStruct(q.shape, q.dtype),
-          # Padded to whole blocks, so the kernel stores the logsumexp without a mask.
-          jax.ShapeDtypeStruct((batch, heads, num_q_blocks * block_q), jnp.float32),
-      ],
-      compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
-      interpret=statics.interpret,
-      name="alibi_flash_forward",
+    functools.partial(_forward_kernel, causal=statics.causal, scale=statics.scale, block_k=blocks.block_k),
+    # Query blocks vary fastest, so the programs running together share one head's keys
+    # and values in L2.
+    grid=(num_q_blocks, batch, heads),
+    in_specs=[q_spec, kv_spec, kv_spec, pl.BlockSpec((None,), lambda i, b, h: (h,)), *segment_specs],
+    out_specs=[q_spec, pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, q_block(i)))],
+    out_shape=[
+      jax.ShapeDtypeStruct(q.shape, q.dtype),
+      # Padded to whole blocks, so the kernel stores the logsumexp without a mask.
+      jax.ShapeDtypeStruct((batch, heads, num_q_blocks * block_q), jnp.float32),
+    ],
+    compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
+    interpret=statics.interpret,
+    name="alibi_flash_forward",
   )(q, k, v, slopes, *segment_args)
   return out, lse[:, :, :seq_len]
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, slope_ref, segment_ids_ref, k_lo_ref, k_hi_ref, out_ref, lse_ref, *,
-                    causal: bool, scale: float, block_k: int):
+def _forward_kernel(
+  q_ref,
+  k_ref,
+  v_ref,
+  slope_ref,
+  segment_ids_ref,
+  k_lo_ref,
+  k_hi_ref,
+  out_ref,
+  lse_ref,
+  *,
+  causal: bool,
+  scale: float,
+  block_k: int,
+):
   block_q, head_dim = q_ref.shape
   seq_len = k_ref.shape[0]
   ragged = bool(seq_len % block_q or seq_len % block_k)
@@ -201,8 +223,19 @@ def _forward_kernel(q_ref, k_ref, v_ref, slope_ref, segment_ids_ref, k_lo_ref, k
 
   def visit(k_block, carry, *, masked: bool):
     acc, row_max, row_sum = carry
-    s, _, v = tiles.key_tile_scores(query, k_ref, v_ref, segment_ids_ref, k_block, block_k=block_k, seq_len=seq_len,
-                                    ragged=ragged, masked=masked, causal=causal, scale=scale)  # less the ALiBi query term
+    s, _, v = tiles.key_tile_scores(
+      query,
+      k_ref,
+      v_ref,
+      segment_ids_ref,
+      k_block,
+      block_k=block_k,
+      seq_len=seq_len,
+      ragged=ragged,
+      masked=masked,
+      causal=causal,
+      scale=scale,
+    )  # less the ALiBi query term
     # Online softmax (FlashAttention-2 §3.1.1): keep the output unnormalised and rescale the
     # running sums whenever the row maximum grows.
     new_max = jnp.maximum(row_max, s.max(axis=1))
@@ -216,9 +249,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, slope_ref, segment_ids_ref, k_lo_ref, k
   if segment_ids_ref is not None:
     start, split, end = tiles.clip_blocks(start, split, end, k_lo_ref[...], k_hi_ref[...])
   carry = (
-      jnp.zeros((block_q, head_dim), jnp.float32),
-      jnp.full((block_q,), -jnp.inf, jnp.float32),
-      jnp.zeros((block_q,), jnp.float32),
+    jnp.zeros((block_q, head_dim), jnp.float32),
+    jnp.full((block_q,), -jnp.inf, jnp.float32),
+    jnp.zeros((block_q,), jnp.float32),
   )
   carry = lax.fori_loop(start, split, functools.partial(visit, masked=False), carry)
   acc, row_max, row_sum = lax.fori_loop(split, end, functools.partial(visit, masked=True), carry)

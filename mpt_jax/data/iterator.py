@@ -19,8 +19,18 @@ from mpt_jax.data.tokenizer import load_tokenizer
 class TrainIterator:
   """Yields {'input_ids': int32 [B, T]} (+ 'segment_ids' when asked), B = this host's rows."""
 
-  def __init__(self, dataset: shards.PreparedDataset, *, seed: int, global_batch_size: int, process_index: int,
-               process_count: int, eos_id: int, segment_ids: bool = False, heldout_rows: int = 0):
+  def __init__(
+    self,
+    dataset: shards.PreparedDataset,
+    *,
+    seed: int,
+    global_batch_size: int,
+    process_index: int,
+    process_count: int,
+    eos_id: int,
+    segment_ids: bool = False,
+    heldout_rows: int = 0,
+  ):
     small = [f"{n} ({r} rows)" for n, r in zip(dataset.names, dataset.rows) if r <= heldout_rows]
     if small:
       raise ValueError(f"holding out {heldout_rows} rows per source leaves nothing to train on in {', '.join(small)}")
@@ -58,22 +68,27 @@ class TrainIterator:
   def get_state(self) -> dict:
     """JSON-serializable position: saved with the checkpoint, given back to `set_state`."""
     consumed = {name: int(n) for name, n in zip(self.dataset.names, self._consumed)}
-    return dict(step=self.step, consumed=consumed, seed=self.seed, fingerprint=self.dataset.fingerprint,
-                heldout_rows=self.heldout_rows)
+    return dict(
+      step=self.step,
+      consumed=consumed,
+      seed=self.seed,
+      fingerprint=self.dataset.fingerprint,
+      heldout_rows=self.heldout_rows,
+    )
 
   def set_state(self, state: dict) -> None:
     """Continues exactly after the batch at which `state` was taken; refuses other data or seed."""
     if state["fingerprint"] != self.dataset.fingerprint:
       raise ValueError(
-          f"iterator state is for prepared data {state['fingerprint'][:12]}, this run reads "
-          f"{self.dataset.fingerprint[:12]} ({self.dataset.directory}): resuming would change the data order"
+        f"iterator state is for prepared data {state['fingerprint'][:12]}, this run reads "
+        f"{self.dataset.fingerprint[:12]} ({self.dataset.directory}): resuming would change the data order"
       )
     if state["seed"] != self.seed:
       raise ValueError(f"iterator state has seed {state['seed']}, DataConfig.seed is {self.seed}")
     if state.get("heldout_rows", 0) != self.heldout_rows:
       raise ValueError(
-          f"iterator state held out {state.get('heldout_rows', 0)} rows per source, this run holds out {self.heldout_rows} "
-          "(EvalConfig.heldout_rows, or 0 when EvalConfig.every_steps is 0): resuming would change the data order"
+        f"iterator state held out {state.get('heldout_rows', 0)} rows per source, this run holds out {self.heldout_rows} "
+        "(EvalConfig.heldout_rows, or 0 when EvalConfig.every_steps is 0): resuming would change the data order"
       )
     self.step = int(state["step"])
     self._consumed = np.array([state["consumed"][name] for name in self.dataset.names], np.int64)
@@ -117,24 +132,28 @@ def make_train_iterator(config: TrainConfig, *, process_index: int, process_coun
   data = config.data
   tokenizer = load_tokenizer(data)
   if tokenizer.vocab_size > config.model.vocab_size:
-    raise ValueError(f"MPTConfig.vocab_size={config.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} ids")
+    raise ValueError(
+      f"MPTConfig.vocab_size={config.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} ids"
+    )
   directory = shards.dataset_dir(data, config.seq_len, tokenizer)
   if not (directory / shards.MANIFEST).exists() and data.mixture in corpus.EMBEDDED:
     from mpt_jax.data import prepare  # TensorFlow, only for this one-time step
 
     prepare.prepare(data, config.seq_len)
   if (directory / shards.INPUTS).exists() and (changed := shards.changed_inputs(directory)):
-    raise ValueError(f"prepared data {directory} is stale, its input files changed since: {changed}; "
-                     "run `python -m mpt_jax.data.prepare` with this run's data flags again")
+    raise ValueError(
+      f"prepared data {directory} is stale, its input files changed since: {changed}; "
+      "run `python -m mpt_jax.data.prepare` with this run's data flags again"
+    )
   return TrainIterator(
-      shards.PreparedDataset(directory),
-      seed=data.seed,
-      global_batch_size=config.global_batch_size,
-      process_index=process_index,
-      process_count=process_count,
-      eos_id=tokenizer.eos_id,
-      segment_ids=data.segment_ids,
-      heldout_rows=config.eval.heldout_rows if config.eval.every_steps else 0,
+    shards.PreparedDataset(directory),
+    seed=data.seed,
+    global_batch_size=config.global_batch_size,
+    process_index=process_index,
+    process_count=process_count,
+    eos_id=tokenizer.eos_id,
+    segment_ids=data.segment_ids,
+    heldout_rows=config.eval.heldout_rows if config.eval.every_steps else 0,
   )
 
 

@@ -54,8 +54,9 @@ class PrepareArgs:
         raise ValueError(f"PrepareArgs.{name} must be an integer >= {least}, got {value!r}")
 
 
-def prepare(config: DataConfig, seq_len: int, *, workers: int = 1,
-            unit_bytes: int = sources.DEFAULT_UNIT_BYTES) -> pathlib.Path:
+def prepare(
+  config: DataConfig, seq_len: int, *, workers: int = 1, unit_bytes: int = sources.DEFAULT_UNIT_BYTES
+) -> pathlib.Path:
   """Prepares `config`'s data packed to `seq_len` (unless done from the same input files); returns its directory.
 
   Raises:
@@ -123,11 +124,13 @@ def _pack_unit(arg) -> dict:
   task = seqio.get_mixture_or_task(task_name)
   task.source.stats.clear()
   dataset = task.get_dataset(
-      {"targets": seq_len}, split="train", shuffle=False, shard_info=seqio.ShardInfo(index, num_units), num_epochs=1
+    {"targets": seq_len}, split="train", shuffle=False, shard_info=seqio.ShardInfo(index, num_units), num_epochs=1
   )
   file = f"{task_name}/shard-{index:05d}.bin"
   rows, sha256 = shards.write_rows(pathlib.Path(tmp) / file, (ex["targets"] for ex in dataset.as_numpy_iterator()))
-  return dict(task=task_name, unit=task.source.units[index], file=file, rows=rows, sha256=sha256, stats=dict(task.source.stats))
+  return dict(
+    task=task_name, unit=task.source.units[index], file=file, rows=rows, sha256=sha256, stats=dict(task.source.stats)
+  )
 
 
 def _manifest(config, seq_len, tokenizer, rates, results) -> dict:
@@ -136,25 +139,27 @@ def _manifest(config, seq_len, tokenizer, rates, results) -> dict:
     mine = sorted((r for r in results if r["task"] == name), key=lambda r: r["file"])
     stats = sum((collections.Counter(r["stats"]) for r in mine), collections.Counter())
     source_entries[name] = dict(
-        rate=rate,
-        rows=sum(r["rows"] for r in mine),
-        stats=dict(stats),
-        shards=[dict(file=r["file"], rows=r["rows"], sha256=r["sha256"]) for r in mine],
+      rate=rate,
+      rows=sum(r["rows"] for r in mine),
+      stats=dict(stats),
+      shards=[dict(file=r["file"], rows=r["rows"], sha256=r["sha256"]) for r in mine],
     )
   return dict(
-      format=shards.FORMAT_VERSION,
-      mixture=config.mixture,
-      seq_len=seq_len,
-      tokenizer=dict(sha256=tokenizer.sha256, vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id),
-      sources=source_entries,
+    format=shards.FORMAT_VERSION,
+    mixture=config.mixture,
+    seq_len=seq_len,
+    tokenizer=dict(sha256=tokenizer.sha256, vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id),
+    sources=source_entries,
   )
 
 
 def parse_args(argv: list[str], default: PrepareArgs = PrepareArgs()) -> PrepareArgs:
   """PrepareArgs from the flags in ``argv``, applied over ``default`` (prepare.py passes a preset's)."""
   if argv and not argv[0].startswith("-"):
-    raise ValueError(f"unexpected argument {argv[0]!r}: a preset name is read by prepare.py beside train.py "
-                     "(python prepare.py PRESET [flags]); this module takes flags only")
+    raise ValueError(
+      f"unexpected argument {argv[0]!r}: a preset name is read by prepare.py beside train.py "
+      "(python prepare.py PRESET [flags]); this module takes flags only"
+    )
   with cli.config_errors_raise():  # a bad value raises ValueError
     return tyro.cli(PrepareArgs, default=default, args=argv)
 

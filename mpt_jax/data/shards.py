@@ -21,8 +21,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from mpt_jax.config import DataConfig
 from mpt_jax.atomic import atomic_file, write_atomically
+from mpt_jax.config import DataConfig
 from mpt_jax.data.tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"
@@ -68,11 +68,15 @@ def changed_inputs(directory: pathlib.Path) -> str | None:
     return None
   before, after = {p: (size, mtime) for p, size, mtime in record["files"]}, {p: (size, mtime) for p, size, mtime in now}
   changes = {
-      "added": sorted(after.keys() - before.keys()),
-      "removed": sorted(before.keys() - after.keys()),
-      "modified": sorted(p for p in before.keys() & after.keys() if before[p] != after[p]),
+    "added": sorted(after.keys() - before.keys()),
+    "removed": sorted(before.keys() - after.keys()),
+    "modified": sorted(p for p in before.keys() & after.keys() if before[p] != after[p]),
   }
-  listed = [f"{len(files)} {what} ({', '.join(files[:3])}{', ...' if len(files) > 3 else ''})" for what, files in changes.items() if files]
+  listed = [
+    f"{len(files)} {what} ({', '.join(files[:3])}{', ...' if len(files) > 3 else ''})"
+    for what, files in changes.items()
+    if files
+  ]
   return ", ".join(listed) or None
 
 

@@ -26,23 +26,23 @@ from mpt_jax.data.tokenizer import Tokenizer
 
 # The published mix of mpt-1b-redpajama-200b (docs/data.md), in percent.
 REDPAJAMA_RATES = {
-    "common_crawl": 67.0,
-    "c4": 15.0,
-    "github": 4.5,
-    "wikipedia": 4.5,
-    "book": 4.5,
-    "arxiv": 2.5,
-    "stackexchange": 2.0,
+  "common_crawl": 67.0,
+  "c4": 15.0,
+  "github": 4.5,
+  "wikipedia": 4.5,
+  "book": 4.5,
+  "arxiv": 2.5,
+  "stackexchange": 2.0,
 }
 # Where each subset's files sit under DataConfig.data_dir in the RedPajama-1T download.
 REDPAJAMA_LAYOUT = {
-    "common_crawl": "common_crawl/*/*.jsonl*",
-    "c4": "c4/*.jsonl*",
-    "github": "github/*.jsonl*",
-    "wikipedia": "wikipedia/*.jsonl*",
-    "book": "book/*.jsonl*",
-    "arxiv": "arxiv/*.jsonl*",
-    "stackexchange": "stackexchange/*.jsonl*",
+  "common_crawl": "common_crawl/*/*.jsonl*",
+  "c4": "c4/*.jsonl*",
+  "github": "github/*.jsonl*",
+  "wikipedia": "wikipedia/*.jsonl*",
+  "book": "book/*.jsonl*",
+  "arxiv": "arxiv/*.jsonl*",
+  "stackexchange": "stackexchange/*.jsonl*",
 }
 REDPAJAMA_MIXTURE = "redpajama_llama"
 TFDS_PREFIX = "tfds:"
@@ -108,8 +108,17 @@ class DocumentSource(seqio.DataSource):
   def list_shards(self, split: str) -> Sequence[str]:
     return self.units
 
-  def get_dataset(self, split="train", shuffle=True, seed=None, shard_info=None, *, sequence_length=None,
-                  use_cached=False, num_epochs=1) -> tf.data.Dataset:
+  def get_dataset(
+    self,
+    split="train",
+    shuffle=True,
+    seed=None,
+    shard_info=None,
+    *,
+    sequence_length=None,
+    use_cached=False,
+    num_epochs=1,
+  ) -> tf.data.Dataset:
     units = self.units if shard_info is None else self.units[shard_info.index :: shard_info.num_shards]
 
     def chunks():  # a Python->TF crossing costs ~0.5 ms: cross with many documents at once
@@ -140,8 +149,9 @@ def pack_rows(dataset: tf.data.Dataset, sequence_length, output_features) -> tf.
   return rows.map(lambda row: {"targets": row})
 
 
-def register(config: DataConfig, tokenizer: Tokenizer, *, unit_bytes: int = sources.DEFAULT_UNIT_BYTES
-             ) -> seqio.Task | seqio.Mixture:
+def register(
+  config: DataConfig, tokenizer: Tokenizer, *, unit_bytes: int = sources.DEFAULT_UNIT_BYTES
+) -> seqio.Task | seqio.Mixture:
   """(Re)registers the Tasks and Mixture that `config.mixture` names and returns it.
 
   Plain JSONL files are split into units (seqio shards) of `unit_bytes`.
@@ -158,8 +168,8 @@ def register(config: DataConfig, tokenizer: Tokenizer, *, unit_bytes: int = sour
   subsets = _redpajama_subsets(config.mixture)
   patterns = _subset_patterns(config, subsets)
   subset_tasks = {
-      subset: _add_task(f"redpajama_{subset}", _source(patterns[subset], config, unit_bytes), vocabulary)
-      for subset in subsets
+    subset: _add_task(f"redpajama_{subset}", _source(patterns[subset], config, unit_bytes), vocabulary)
+    for subset in subsets
   }
   if config.mixture != REDPAJAMA_MIXTURE:
     return subset_tasks[subsets[0]]
@@ -200,7 +210,7 @@ def _subset_patterns(config: DataConfig, subsets: Sequence[str]) -> dict[str, st
     subset, sep, pattern = entry.partition("=")
     if not sep or subset not in REDPAJAMA_RATES:
       raise ValueError(
-          f"DataConfig.source_patterns entry {entry!r} must be 'subset=glob' with subset in {tuple(REDPAJAMA_RATES)}"
+        f"DataConfig.source_patterns entry {entry!r} must be 'subset=glob' with subset in {tuple(REDPAJAMA_RATES)}"
       )
     overrides[subset] = pattern
   patterns = {}
@@ -211,7 +221,7 @@ def _subset_patterns(config: DataConfig, subsets: Sequence[str]) -> dict[str, st
       patterns[subset] = os.path.join(config.data_dir, REDPAJAMA_LAYOUT[subset])
     else:
       raise ValueError(
-          f"RedPajama subset {subset!r} has no files: set DataConfig.data_dir or a source_patterns entry '{subset}=glob'"
+        f"RedPajama subset {subset!r} has no files: set DataConfig.data_dir or a source_patterns entry '{subset}=glob'"
       )
   return patterns
 
@@ -245,13 +255,13 @@ def _tfds_source(name: str, data_dir: str) -> DocumentSource:
 def _add_task(name: str, source: DocumentSource, vocabulary: HfVocabulary) -> seqio.Task:
   seqio.TaskRegistry.remove(name)
   return seqio.TaskRegistry.add(
-      name,
-      source=source,
-      preprocessors=[
-          functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
-          functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
-          seqio.preprocessors.append_eos,
-          pack_rows,
-      ],
-      output_features={"targets": seqio.Feature(vocabulary, add_eos=True, dtype=tf.int32)},
+    name,
+    source=source,
+    preprocessors=[
+      functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
+      functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
+      seqio.preprocessors.append_eos,
+      pack_rows,
+    ],
+    output_features={"targets": seqio.Feature(vocabulary, add_eos=True, dtype=tf.int32)},
   )

@@ -15,8 +15,8 @@ from collections.abc import Iterable, Sequence
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from mpt_jax.config import DataConfig
 from mpt_jax.atomic import write_atomically
+from mpt_jax.config import DataConfig
 from mpt_jax.data import corpus
 
 EOS_TOKEN = "<|endoftext|>"
@@ -69,10 +69,10 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> str:
   model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   model.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(
-      vocab_size=vocab_size,
-      special_tokens=[EOS_TOKEN],
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-      show_progress=False,
+    vocab_size=vocab_size,
+    special_tokens=[EOS_TOKEN],
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    show_progress=False,
   )
   model.train_from_iterator(texts, trainer)
   return model.to_str()
@@ -88,8 +88,8 @@ def load_tokenizer(config: DataConfig) -> Tokenizer:
     return Tokenizer.from_file(config.tokenizer_path)
   if config.mixture not in corpus.EMBEDDED:
     raise ValueError(
-        f"DataConfig.tokenizer_path is required for mixture {config.mixture!r}: the trained BPE "
-        f"fallback exists only for the embedded corpora {tuple(corpus.EMBEDDED)}"
+      f"DataConfig.tokenizer_path is required for mixture {config.mixture!r}: the trained BPE "
+      f"fallback exists only for the embedded corpora {tuple(corpus.EMBEDDED)}"
     )
   path = pathlib.Path(config.prepared_dir).expanduser() / f"{config.mixture}-bpe{config.bpe_vocab_size}.tokenizer.json"
   if not path.exists():

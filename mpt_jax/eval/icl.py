@@ -33,9 +33,9 @@ from mpt_jax.eval.scoring import Request
 
 TASK_TYPES = ("language_modeling", "multiple_choice", "schema")
 _FIELDS = {  # task type -> {field: its JSON type}
-    "language_modeling": {"context": str, "continuation": str},
-    "multiple_choice": {"query": str, "choices": list, "gold": int},
-    "schema": {"context_options": list, "continuation": str, "gold": int},
+  "language_modeling": {"context": str, "continuation": str},
+  "multiple_choice": {"query": str, "choices": list, "gold": int},
+  "schema": {"context_options": list, "continuation": str, "gold": int},
 }
 
 
@@ -54,12 +54,12 @@ class TaskSpec:
 
 # The six tasks MPT models were reported on and their default prompting (task_spec's arguments override it).
 STANDARD_TASKS = {
-    "lambada_openai": dict(type="language_modeling"),
-    "piqa": dict(type="multiple_choice", num_fewshot=10, continuation_delimiter="\nAnswer: "),
-    "arc_easy": dict(type="multiple_choice", num_fewshot=10, continuation_delimiter="\nAnswer: "),
-    "arc_challenge": dict(type="multiple_choice", num_fewshot=10, continuation_delimiter="\nAnswer: "),
-    "copa": dict(type="multiple_choice"),
-    "winogrande": dict(type="schema"),
+  "lambada_openai": dict(type="language_modeling"),
+  "piqa": dict(type="multiple_choice", num_fewshot=10, continuation_delimiter="\nAnswer: "),
+  "arc_easy": dict(type="multiple_choice", num_fewshot=10, continuation_delimiter="\nAnswer: "),
+  "arc_challenge": dict(type="multiple_choice", num_fewshot=10, continuation_delimiter="\nAnswer: "),
+  "copa": dict(type="multiple_choice"),
+  "winogrande": dict(type="schema"),
 }
 
 
@@ -79,8 +79,13 @@ class TaskResult(NamedTuple):
   greedy: list[np.ndarray]  # per example: whether greedy decoding reproduces each request's continuation
 
 
-def task_spec(entry: str, data_dir: str | os.PathLike = "", *, num_fewshot: int | None = None,
-              continuation_delimiter: str | None = None) -> TaskSpec:
+def task_spec(
+  entry: str,
+  data_dir: str | os.PathLike = "",
+  *,
+  num_fewshot: int | None = None,
+  continuation_delimiter: str | None = None,
+) -> TaskSpec:
   """A TaskSpec from a standard task name (its file under ``data_dir``) or a JSONL path.
 
   A file named like a standard task gets that task's prompting; other files are 0-shot with no
@@ -115,8 +120,10 @@ def infer_type(path: pathlib.Path) -> str:
         for task_type, expected in _FIELDS.items():
           if expected.keys() <= fields:
             return task_type
-        raise ValueError(f"{path}:{number}: fields {sorted(fields)} match no ICL task type; expected one of "
-                         + "; ".join(f"{t}: {sorted(f)}" for t, f in _FIELDS.items()))
+        raise ValueError(
+          f"{path}:{number}: fields {sorted(fields)} match no ICL task type; expected one of "
+          + "; ".join(f"{t}: {sorted(f)}" for t, f in _FIELDS.items())
+        )
   raise ValueError(f"{path} has no examples")
 
 
@@ -170,8 +177,9 @@ def fewshot_indices(n: int, k: int, index: int, seed: int) -> list[int]:
   return [int(i) + (i >= index) for i in others]
 
 
-def build_examples(spec: TaskSpec, examples: Sequence[dict], tokenizer, *, seed: int, max_length: int,
-                   limit: int = 0) -> list[Example]:
+def build_examples(
+  spec: TaskSpec, examples: Sequence[dict], tokenizer, *, seed: int, max_length: int, limit: int = 0
+) -> list[Example]:
   """Token sequences to score for the first ``limit`` examples (0: all), few-shot drawn from all of them."""
   prefix_space = len(tokenizer.encode(" a")) == 1
   built = []
@@ -192,8 +200,10 @@ def build_examples(spec: TaskSpec, examples: Sequence[dict], tokenizer, *, seed:
       if not continuation:
         raise ValueError(f"{spec.path}: example {index} has an empty answer")
       if len(continuation) >= max_length:
-        raise ValueError(f"{spec.path}: example {index}'s answer has {len(continuation)} tokens, "
-                         f"too many for sequences of at most {max_length}")
+        raise ValueError(
+          f"{spec.path}: example {index}'s answer has {len(continuation)} tokens, "
+          f"too many for sequences of at most {max_length}"
+        )
       requests.append(Request(_left_cut(encoded[context], max_length - len(continuation)), continuation))
     built.append(Example(requests, gold))
   return built
@@ -233,8 +243,9 @@ def _schema_context(spec: TaskSpec, option: str, preamble: str) -> str:
   return option
 
 
-def correct(spec: TaskSpec, examples: Sequence[Example], loglik: Sequence[np.ndarray], greedy: Sequence[np.ndarray]
-            ) -> dict[str, np.ndarray]:
+def correct(
+  spec: TaskSpec, examples: Sequence[Example], loglik: Sequence[np.ndarray], greedy: Sequence[np.ndarray]
+) -> dict[str, np.ndarray]:
   """Which examples the model gets right, bool [examples] per metric, from each request's scores.
 
   language_modeling: accuracy = the greedy continuation is exact. multiple_choice / schema:
@@ -246,13 +257,23 @@ def correct(spec: TaskSpec, examples: Sequence[Example], loglik: Sequence[np.nda
     return {"accuracy": np.array([g[0] for g in greedy])}
   lengths = [np.array([len(r.continuation) for r in e.requests]) for e in examples]
   return {
-      "accuracy": np.array([np.argmax(ll) == e.gold for e, ll in zip(examples, loglik)]),
-      "accuracy_per_token": np.array([np.argmax(ll / n) == e.gold for e, ll, n in zip(examples, loglik, lengths)]),
+    "accuracy": np.array([np.argmax(ll) == e.gold for e, ll in zip(examples, loglik)]),
+    "accuracy_per_token": np.array([np.argmax(ll / n) == e.gold for e, ll, n in zip(examples, loglik, lengths)]),
   }
 
 
-def evaluate_task(model, spec: TaskSpec, examples: Sequence[dict], tokenizer, *, seed: int = 1234, batch_size: int = 16,
-                  max_length: int | None = None, limit: int = 0, progress: bool = True) -> TaskResult:
+def evaluate_task(
+  model,
+  spec: TaskSpec,
+  examples: Sequence[dict],
+  tokenizer,
+  *,
+  seed: int = 1234,
+  batch_size: int = 16,
+  max_length: int | None = None,
+  limit: int = 0,
+  progress: bool = True,
+) -> TaskResult:
   """Scores the task's first ``limit`` examples (0: all) with ``model``.
 
   Args:
@@ -269,7 +290,9 @@ def evaluate_task(model, spec: TaskSpec, examples: Sequence[dict], tokenizer, *,
   max_length = max_length or model.config.max_seq_len
   built = build_examples(spec, examples, tokenizer, seed=seed, max_length=max_length, limit=limit)
   requests = [r for e in built for r in e.requests]
-  scores = scoring.score(model, requests, batch_size=batch_size, max_length=max_length, desc=spec.name, progress=progress)
+  scores = scoring.score(
+    model, requests, batch_size=batch_size, max_length=max_length, desc=spec.name, progress=progress
+  )
   split = np.cumsum([len(e.requests) for e in built])[:-1]
   loglik, greedy = np.split(scores.loglik, split), np.split(scores.greedy, split)
   right = correct(spec, built, loglik, greedy)

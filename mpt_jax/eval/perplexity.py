@@ -32,8 +32,9 @@ def loss_sums(model: MPTForCausalLM, input_ids, lengths):
   """
   targets, mask = loss.next_token_targets(input_ids)
   weights = (mask & (jnp.arange(input_ids.shape[1]) < lengths[:, None] - 1)).astype(jnp.float32)
-  _, cross_entropy_sum = loss.head_cross_entropy(model.hidden_states(input_ids), model.wte[...], targets, weights,
-                                                 logit_scale=model.config.logit_multiplier)
+  _, cross_entropy_sum = loss.head_cross_entropy(
+    model.hidden_states(input_ids), model.wte[...], targets, weights, logit_scale=model.config.logit_multiplier
+  )
   return cross_entropy_sum, jnp.sum(weights)
 
 
@@ -43,8 +44,15 @@ def loss_step(graphdef: nnx.GraphDef, params: nnx.State, input_ids, lengths):
   return loss_sums(nnx.merge(graphdef, params), input_ids, lengths)
 
 
-def mean_loss(model: MPTForCausalLM, rows: Iterable[np.ndarray], *, batch_size: int, seq_len: int, desc: str = "loss",
-              progress: bool = True) -> tuple[float, int]:
+def mean_loss(
+  model: MPTForCausalLM,
+  rows: Iterable[np.ndarray],
+  *,
+  batch_size: int,
+  seq_len: int,
+  desc: str = "loss",
+  progress: bool = True,
+) -> tuple[float, int]:
   """(mean cross-entropy per predicted token, number of predicted tokens) over rows of <= seq_len tokens."""
   if seq_len > model.config.max_seq_len:
     raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len={model.config.max_seq_len}")
@@ -107,6 +115,8 @@ def seqio_rows(spec: str, seq_len: int, tokenizer, data_dir: str = "") -> Iterat
   name, _, split = spec.partition(":")
   if name not in seqio.TaskRegistry.names() and name not in seqio.MixtureRegistry.names():
     tasks.register(DataConfig(mixture=name, data_dir=data_dir), tokenizer)
-  dataset = seqio.get_mixture_or_task(name).get_dataset({"targets": seq_len}, split=split or "train", shuffle=False, num_epochs=1)
+  dataset = seqio.get_mixture_or_task(name).get_dataset(
+    {"targets": seq_len}, split=split or "train", shuffle=False, num_epochs=1
+  )
   for example in dataset.as_numpy_iterator():
     yield example["targets"]

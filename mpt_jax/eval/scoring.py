@@ -43,8 +43,15 @@ def bucket(length: int, max_length: int) -> int:
   return min(width, max_length)
 
 
-def score(model: MPTForCausalLM, requests: Sequence[Request], *, batch_size: int, max_length: int,
-          desc: str = "score", progress: bool = True) -> Scores:
+def score(
+  model: MPTForCausalLM,
+  requests: Sequence[Request],
+  *,
+  batch_size: int,
+  max_length: int,
+  desc: str = "score",
+  progress: bool = True,
+) -> Scores:
   """Scores every request; each must fit in ``max_length`` (<= model.config.max_seq_len) tokens."""
   if max_length > model.config.max_seq_len:
     raise ValueError(f"max_length={max_length} exceeds the model's max_seq_len={model.config.max_seq_len}")

@@ -32,11 +32,15 @@ class HeldoutEval:
 
   def __init__(self, config: TrainConfig, setup, data_iterator, writer: metrics.MetricsWriter):
     if not isinstance(data_iterator, TrainIterator):
-      raise ValueError("EvalConfig.every_steps needs the prepared data's TrainIterator (make_train_iterator): "
-                       f"the held-out rows are part of it; got {type(data_iterator).__name__}")
+      raise ValueError(
+        "EvalConfig.every_steps needs the prepared data's TrainIterator (make_train_iterator): "
+        f"the held-out rows are part of it; got {type(data_iterator).__name__}"
+      )
     if data_iterator.heldout_rows != config.eval.heldout_rows:
-      raise ValueError(f"the data iterator holds out {data_iterator.heldout_rows} rows per source, "
-                       f"EvalConfig.heldout_rows is {config.eval.heldout_rows}")
+      raise ValueError(
+        f"the data iterator holds out {data_iterator.heldout_rows} rows per source, "
+        f"EvalConfig.heldout_rows is {config.eval.heldout_rows}"
+      )
     self.config, self.setup, self.writer = config, setup, writer
     dataset = data_iterator.dataset
     rows = dataset.read(*heldout_index(dataset, config.eval.heldout_rows))  # [H, T], all processes alike
@@ -58,14 +62,23 @@ class HeldoutEval:
     ce_sum, count = 0.0, 0.0
     for rows in self._batches:
       batch = sharding.global_batch(rows, self.setup.mesh)
-      batch_sum, batch_count = perplexity.loss_step(self.setup.graphdef, state.params, batch["input_ids"], batch["lengths"])
+      batch_sum, batch_count = perplexity.loss_step(
+        self.setup.graphdef, state.params, batch["input_ids"], batch["lengths"]
+      )
       ce_sum, count = ce_sum + float(batch_sum), count + float(batch_count)
     results = {"eval/loss": ce_sum / count}
     if self._icl:
       model = nnx.merge(self.setup.graphdef, state.params)
       for spec, examples in self._icl:
-        result = icl.evaluate_task(model, spec, examples, self._tokenizer, batch_size=self.config.eval.icl_batch_size,
-                                   limit=self.config.eval.icl_max_examples, progress=False)
+        result = icl.evaluate_task(
+          model,
+          spec,
+          examples,
+          self._tokenizer,
+          batch_size=self.config.eval.icl_batch_size,
+          limit=self.config.eval.icl_max_examples,
+          progress=False,
+        )
         results[f"eval/{spec.name}/accuracy"] = result.metrics["accuracy"]
     logging.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
     self.writer.write(step, results)
