@@ -34,7 +34,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from mpt_jax import integrity, resume
+from mpt_jax import integrity, paths, resume
 from mpt_jax.config import MPTConfig, TrainConfig, dtype_name
 from mpt_jax.model import MPTForCausalLM, stack_layers, unstack_layers
 from mpt_jax.sharding import with_shardings
@@ -242,7 +242,7 @@ class TrainCheckpointer:
   """
 
   def __init__(self, directory: str | os.PathLike, config: TrainConfig):
-    self.directory = pathlib.Path(directory).absolute()
+    self.directory = paths.workdir_path(directory)
     self.config = config
     self._record = resume.record(config)
     self._committing = collections.deque()  # steps saved whose checksums are not written yet (process 0)

@@ -17,13 +17,15 @@ import os
 import pathlib
 import sys
 
+from mpt_jax import paths
+
 MANIFEST = "checksums.json"
 _CHUNK = 16 << 20
 
 
 def write(directory: str | os.PathLike) -> None:
   """Records every file under ``directory``'s subfolders in ``directory``/checksums.json (temp + rename)."""
-  directory = pathlib.Path(directory)
+  directory = paths.workdir_path(directory)
   files = _files(directory)
   manifest = dict(zip(files, _digests(directory, files)))
   tmp = directory / f".{MANIFEST}.tmp"
@@ -32,12 +34,12 @@ def write(directory: str | os.PathLike) -> None:
 
 
 def exists(directory: str | os.PathLike) -> bool:
-  return (pathlib.Path(directory) / MANIFEST).is_file()
+  return (paths.workdir_path(directory) / MANIFEST).is_file()
 
 
 def verify(directory: str | os.PathLike) -> str | None:
   """None if every recorded file is there with its size and sha256; else what is wrong, naming the file."""
-  directory = pathlib.Path(directory)
+  directory = paths.workdir_path(directory)
   try:
     manifest = json.loads((directory / MANIFEST).read_text())
   except (OSError, ValueError) as e:
@@ -64,7 +66,7 @@ def _digests(directory: pathlib.Path, names: list[str]) -> list[list]:
 
   def digest(name):
     sha, size = hashlib.sha256(), 0
-    with open(directory / name, "rb") as f:
+    with (directory / name).open("rb") as f:
       while chunk := f.read(_CHUNK):
         sha.update(chunk)
         size += len(chunk)

@@ -24,7 +24,7 @@ import tqdm
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mpt_jax import checkpoint, loss, metrics, preemption, sharding
+from mpt_jax import checkpoint, loss, metrics, paths, preemption, sharding
 from mpt_jax.config import TrainConfig
 from mpt_jax.lock import WorkdirLock
 from mpt_jax.model import MPTForCausalLM
@@ -307,7 +307,7 @@ def _run(config: TrainConfig, data_iterator: Iterator[dict[str, np.ndarray]] | N
     with _phase("abstract state"):
       setup = make_setup(config, mesh)
       logging.info("%s parameters; gradient accumulation %d", f"{setup.n_params:,}", setup.grad_accum)
-    checkpointer = checkpoint.TrainCheckpointer(pathlib.Path(config.workdir) / checkpoint.CHECKPOINT_DIR, config)
+    checkpointer = checkpoint.TrainCheckpointer(paths.workdir_path(config.workdir) / checkpoint.CHECKPOINT_DIR, config)
     try:
       with _phase("restore or init"):
         state, resumed_step = _restore_or_init(config, setup, checkpointer, data_iterator)
