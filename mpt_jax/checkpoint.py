@@ -26,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from mpt_jax import integrity, resume
+from mpt_jax import integrity, paths, resume
 from mpt_jax.config import MPTConfig, TrainConfig, dtype_name
 from mpt_jax.model import MPTForCausalLM
 from mpt_jax.model_folder import (
@@ -110,7 +110,7 @@ class TrainCheckpointer:
   """
 
   def __init__(self, directory: str | os.PathLike, config: TrainConfig):
-    self.directory = pathlib.Path(directory).absolute()
+    self.directory = paths.workdir_path(directory)
     self.config = config
     self._record = resume.record(config)
     self._committing = collections.deque()  # steps saved whose checksums are not written yet (process 0)

@@ -17,6 +17,7 @@ import os
 import pathlib
 import sys
 
+from mpt_jax import paths
 from mpt_jax.atomic import write_atomically
 
 MANIFEST = "checksums.json"
@@ -25,19 +26,19 @@ _CHUNK = 16 << 20
 
 def write(directory: str | os.PathLike) -> None:
   """Records every file under ``directory``'s subfolders in ``directory``/checksums.json (temp + rename)."""
-  directory = pathlib.Path(directory)
+  directory = paths.workdir_path(directory)
   files = _files(directory)
   manifest = dict(zip(files, _digests(directory, files)))
   write_atomically(directory / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 
 def exists(directory: str | os.PathLike) -> bool:
-  return (pathlib.Path(directory) / MANIFEST).is_file()
+  return (paths.workdir_path(directory) / MANIFEST).is_file()
 
 
 def verify(directory: str | os.PathLike) -> str | None:
   """None if every recorded file is there with its size and sha256; else what is wrong, naming the file."""
-  directory = pathlib.Path(directory)
+  directory = paths.workdir_path(directory)
   try:
     manifest = json.loads((directory / MANIFEST).read_text())
   except (OSError, ValueError) as e:
@@ -66,7 +67,7 @@ def _digests(directory: pathlib.Path, names: list[str]) -> list[list]:
 
   def digest(name):
     sha, size = hashlib.sha256(), 0
-    with open(directory / name, "rb") as f:
+    with (directory / name).open("rb") as f:
       while chunk := f.read(_CHUNK):
         sha.update(chunk)
         size += len(chunk)

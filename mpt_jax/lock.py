@@ -14,8 +14,9 @@ import fcntl
 import json
 import logging
 import os
-import pathlib
 import socket
+
+from mpt_jax import paths
 
 LOCK_FILE = "lock"
 
@@ -28,10 +29,13 @@ class WorkdirLock:
   """Held from ``__enter__`` to ``__exit__``; ``__enter__`` raises WorkdirLocked when another run holds it."""
 
   def __init__(self, workdir: str | os.PathLike):
-    self.path = pathlib.Path(workdir) / LOCK_FILE
+    self.path = paths.workdir_path(workdir) / LOCK_FILE
     self._fd = None
 
   def __enter__(self) -> "WorkdirLock":
+    if paths.is_remote(self.path):  # object stores (gs://) have no flock
+      logging.warning("cannot lock %s (not a local path): make sure no other run uses this workdir", self.path)
+      return self
     self.path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -56,7 +60,8 @@ class WorkdirLock:
     return self
 
   def __exit__(self, *exc) -> None:
-    os.close(self._fd)  # releases the lock
+    if self._fd is not None:
+      os.close(self._fd)  # releases the lock
 
 
 def _describe(holder: str) -> str:

@@ -10,7 +10,6 @@ mpt_jax.train_step's, re-exported here.
 import contextlib
 import itertools
 import logging
-import pathlib
 import time
 from typing import Callable, Iterator, Sequence
 
@@ -19,7 +18,7 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from mpt_jax import checkpoint, metrics, model_folder, preemption, sharding
+from mpt_jax import checkpoint, metrics, model_folder, paths, preemption, sharding
 from mpt_jax.config import TrainConfig
 from mpt_jax.lock import WorkdirLock
 from mpt_jax.train_step import Batch, TrainSetup, TrainState, grad_accum_steps, make_setup, train_step
@@ -171,7 +170,7 @@ def _run(config: TrainConfig, data_iterator: Iterator[dict[str, np.ndarray]] | N
     with _phase("abstract state"):
       setup = make_setup(config, mesh)
       logging.info("%s parameters; gradient accumulation %d", f"{setup.n_params:,}", setup.grad_accum)
-    checkpointer = checkpoint.TrainCheckpointer(pathlib.Path(config.workdir) / checkpoint.CHECKPOINT_DIR, config)
+    checkpointer = checkpoint.TrainCheckpointer(paths.workdir_path(config.workdir) / checkpoint.CHECKPOINT_DIR, config)
     try:
       with _phase("restore or init"):
         state, resumed_step = _restore_or_init(config, setup, checkpointer, data_iterator)

@@ -6,7 +6,10 @@
          baseline, not a fast path (it reads the bias and computes its gradient).
   pallas flash attention with in-kernel ALiBi (pallas_triton.py), T == S only; without a GPU
          the same kernels run in the Pallas interpreter (tests).
-  auto   pallas on GPU for the shapes it supports (T == S, power-of-two head_dim), xla otherwise.
+  pallas_tpu  the same flash attention for TPUs (pallas_tpu.py, Mosaic), T == S only; without a
+         TPU the kernels run in the Pallas TPU interpreter (tests).
+  auto   pallas on GPU, pallas_tpu on TPU, for the shapes they support (T == S; on GPU a
+         power-of-two head_dim), xla otherwise.
 Cached decoding (``q_offset`` given: a few new queries per row against a KV cache) runs plain
 XLA whatever ``impl`` says, flash kernels gain nothing there: decode.py for one query per row,
 reference.py for more. docs/attention.md describes the kernels' design.
@@ -23,9 +26,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from mpt_jax.attention import decode, masks, pallas_triton, reference
+from mpt_jax.attention import decode, masks, pallas_tpu, pallas_triton, reference
 
-IMPLS = ("auto", "xla", "cudnn", "pallas")
+IMPLS = ("auto", "xla", "cudnn", "pallas", "pallas_tpu")
 
 
 class MeshAxes(NamedTuple):
@@ -57,14 +60,36 @@ def dot_product_attention(
       q, k, v, slopes=slopes, segment_ids=segment_ids, causal=causal, scale=scale, q_offset=q_offset
     )
   if impl == "auto":
-    impl = "pallas" if jax.default_backend() == "gpu" and pallas_triton.supports(q, k) else "xla"
+    impl = _auto_impl(q, k)
   if impl == "xla":
     return reference.attention(q, k, v, slopes=slopes, segment_ids=segment_ids, causal=causal, scale=scale)
   if impl == "cudnn":
     return _cudnn_attention(q, k, v, slopes=slopes, segment_ids=segment_ids, causal=causal, scale=scale)
   if impl == "pallas":
     return _pallas_attention(q, k, v, slopes=slopes, segment_ids=segment_ids, causal=causal, scale=scale, axes=axes)
+  if impl == "pallas_tpu":
+    return _pallas_attention(
+      q,
+      k,
+      v,
+      slopes=slopes,
+      segment_ids=segment_ids,
+      causal=causal,
+      scale=scale,
+      axes=axes,
+      flash=pallas_tpu.flash_attention,
+      platform="tpu",
+    )
   raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
+
+
+def _auto_impl(q, k):
+  backend = jax.default_backend()
+  if backend == "gpu" and pallas_triton.supports(q, k):
+    return "pallas"
+  if backend == "tpu" and pallas_tpu.supports(q, k):
+    return "pallas_tpu"
+  return "xla"
 
 
 def _cudnn_attention(q, k, v, *, slopes, segment_ids, causal, scale):
@@ -84,17 +109,18 @@ def _cudnn_attention(q, k, v, *, slopes, segment_ids, causal, scale):
   )
 
 
-def _pallas_attention(q, k, v, *, slopes, segment_ids, causal, scale, axes: MeshAxes):
-  """The Pallas kernels; under a mesh, inside shard_map over batch and heads.
+def _pallas_attention(
+  q, k, v, *, slopes, segment_ids, causal, scale, axes: MeshAxes, flash=pallas_triton.flash_attention, platform="gpu"
+):
+  """The Pallas kernels (``flash``, compiled for ``platform``, interpreted elsewhere); under a
+  mesh, inside shard_map over batch and heads.
 
   A pallas_call is opaque to the SPMD partitioner, so each device runs the kernels on its
   own rows and heads, split as ``axes`` says activations are split: the batch over
   ``axes.batch`` together, heads over ``axes.heads``; axes that are absent or do not divide
   their dimension leave that dimension whole.
   """
-  attend = functools.partial(
-    pallas_triton.flash_attention, causal=causal, scale=scale, interpret=jax.default_backend() != "gpu"
-  )
+  attend = functools.partial(flash, causal=causal, scale=scale, interpret=jax.default_backend() != platform)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return attend(q, k, v, slopes=slopes, segment_ids=segment_ids)
