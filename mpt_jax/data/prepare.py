@@ -9,6 +9,7 @@ prepares the data again. A source that yields no full row (empty or unreadable f
 error listing what each of its files gave, and nothing is written.
 
   python -m mpt_jax.data.prepare [PRESET] [--data.FIELD VALUE ...] [--seq-len N] [--workers N]
+      [--runner pool|DirectRunner|DataflowRunner|FlinkRunner|SparkRunner [BEAM PIPELINE OPTIONS ...]]
 
 PRESET (a module of configs/, as for train.py) supplies `data` and `seq_len`, so the shards
 are the ones that run will look for; flags override it like train.py's, e.g.
@@ -25,6 +26,7 @@ import os
 import pathlib
 import shutil
 import sys
+from collections.abc import Sequence
 
 import seqio
 import tqdm
@@ -44,6 +46,7 @@ class PrepareArgs:
   seq_len: int = 2048  # tokens per row (TrainConfig.seq_len)
   workers: int = os.cpu_count() or 1  # processes; 1 runs in this process
   unit_mb: int = sources.DEFAULT_UNIT_BYTES >> 20  # plain JSONL files are split into units of this size
+  runner: str = "pool"  # "pool" (processes on this host) or a Beam runner (beam_prepare.py, requirements-beam.txt)
 
   def __post_init__(self):
     for name, least in (("seq_len", 2), ("workers", 1), ("unit_mb", 1)):
@@ -52,9 +55,12 @@ class PrepareArgs:
         raise ValueError(f"PrepareArgs.{name} must be an integer >= {least}, got {value!r}")
 
 
-def prepare(config: DataConfig, seq_len: int, *, workers: int = 1,
-            unit_bytes: int = sources.DEFAULT_UNIT_BYTES) -> pathlib.Path:
+def prepare(config: DataConfig, seq_len: int, *, workers: int = 1, unit_bytes: int = sources.DEFAULT_UNIT_BYTES,
+            runner: str = "pool", pipeline_args: Sequence[str] = ()) -> pathlib.Path:
   """Prepares `config`'s data packed to `seq_len` (unless done from the same input files); returns its directory.
+
+  `runner` "pool" runs the units in `workers` processes; a Beam runner name runs the same units as
+  a Beam pipeline with `pipeline_args` (beam_prepare.py): the prepared bytes are the same.
 
   Raises:
     ValueError: a source yields no full row of `seq_len` tokens; names each of its files
@@ -67,7 +73,7 @@ def prepare(config: DataConfig, seq_len: int, *, workers: int = 1,
     if changed is None:
       return out
     logging.warning("%s is stale, its input files changed: %s; preparing it again", out, changed)
-  provider = _register(config, unit_bytes)
+  provider = register_tasks(config, unit_bytes)
   patterns = tasks.input_patterns(config)
   inputs = shards.input_files(patterns)  # before reading: a file changed meanwhile makes the next run redo it
   rates = tasks.tasks_of(provider)
@@ -76,7 +82,7 @@ def prepare(config: DataConfig, seq_len: int, *, workers: int = 1,
   try:
     results = []
     with tqdm.tqdm(total=len(jobs), desc=f"prepare {config.mixture}", unit="unit") as bar:
-      for result in _run(jobs, (config, unit_bytes), seq_len, tmp, workers):
+      for result in _run(jobs, (config, unit_bytes), seq_len, tmp, workers, runner, pipeline_args):
         results.append(result)
         bar.set_postfix(rows=sum(r["rows"] for r in results), refresh=False)
         bar.update()
@@ -120,22 +126,36 @@ def _replace(tmp: pathlib.Path, out: pathlib.Path) -> None:
     shutil.rmtree(stale, ignore_errors=True)
 
 
-def _run(jobs, register_args, seq_len, tmp, workers):
+def _run(jobs, register_args, seq_len, tmp, workers, runner="pool", pipeline_args=()):
+  if runner != "pool":
+    try:
+      from mpt_jax.data import beam_prepare  # the optional extra, imported only when asked for
+    except ModuleNotFoundError as e:
+      message = f"--runner {runner} needs Apache Beam: pip install -r requirements-beam.txt ({e})"
+      raise ModuleNotFoundError(message) from e
+    yield from beam_prepare.run(jobs, register_args, seq_len, tmp, runner=runner, workers=workers,
+                                pipeline_args=pipeline_args)
+    return
   args = [(job, seq_len, str(tmp)) for job in jobs]
   if workers <= 1 or len(jobs) == 1:
-    yield from map(_pack_unit, args)
+    yield from map(pack_unit, args)
     return
   context = multiprocessing.get_context("spawn")  # TensorFlow does not survive fork
-  with context.Pool(min(workers, len(jobs)), initializer=_register, initargs=register_args) as pool:
-    yield from pool.imap_unordered(_pack_unit, args)
+  with context.Pool(min(workers, len(jobs)), initializer=register_tasks, initargs=register_args) as pool:
+    yield from pool.imap_unordered(pack_unit, args)
 
 
-def _register(config: DataConfig, unit_bytes: int) -> seqio.Task | seqio.Mixture:
+def register_tasks(config: DataConfig, unit_bytes: int) -> seqio.Task | seqio.Mixture:
+  """Registers `config`'s Tasks in this process (each pool or Beam worker does) and returns its Task or Mixture."""
   return tasks.register(config, load_tokenizer(config), unit_bytes=unit_bytes)
 
 
-def _pack_unit(arg) -> dict:
-  """Runs one source unit through its Task and writes the packed rows to one shard file."""
+def pack_unit(arg) -> dict:
+  """Runs one source unit through its Task and writes the packed rows to one shard file (pool and Beam workers).
+
+  `arg` is ((task name, unit index, unit count), seq_len, output directory); returns the unit's
+  result (task, unit, file, rows, sha256, stats), from which `prepare` writes the manifest.
+  """
   (task_name, index, num_units), seq_len, tmp = arg
   task = seqio.get_mixture_or_task(task_name)
   task.source.stats.clear()
@@ -167,8 +187,11 @@ def _manifest(config, seq_len, tokenizer, rates, results) -> dict:
   )
 
 
-def parse_args(argv: list[str]) -> PrepareArgs:
-  """PrepareArgs from an optional leading preset name and the flags that follow."""
+def parse_args(argv: list[str]) -> tuple[PrepareArgs, list[str]]:
+  """PrepareArgs from an optional leading preset name and the flags that follow, and the Beam options.
+
+  With `--runner` a Beam runner, flags PrepareArgs does not know are Beam pipeline options.
+  """
   default = PrepareArgs()
   if argv and not argv[0].startswith("-"):
     import configs  # the presets live beside train.py, outside the library
@@ -176,7 +199,10 @@ def parse_args(argv: list[str]) -> PrepareArgs:
     preset = configs.get_config(argv.pop(0))
     default = dataclasses.replace(default, data=preset.data, seq_len=preset.seq_len)
   with cli.config_errors_raise():  # a bad value raises ValueError
-    return tyro.cli(PrepareArgs, default=default, args=argv)
+    args, beam_args = tyro.cli(PrepareArgs, default=default, args=argv, return_unknown_args=True)
+  if beam_args and args.runner == "pool":
+    raise ValueError(f"unknown arguments {beam_args} (Beam pipeline options need --runner, e.g. DirectRunner)")
+  return args, beam_args
 
 
 def main(argv: list[str]) -> int:
@@ -184,8 +210,9 @@ def main(argv: list[str]) -> int:
   logging.basicConfig(level=logging.INFO, format="%(message)s")
 
   def command():
-    args = parse_args(argv)
-    print(prepare(args.data, args.seq_len, workers=args.workers, unit_bytes=args.unit_mb << 20))
+    args, beam_args = parse_args(argv)
+    print(prepare(args.data, args.seq_len, workers=args.workers, unit_bytes=args.unit_mb << 20, runner=args.runner,
+                  pipeline_args=beam_args))
 
   return cli.run(command)
 

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import pathlib
+import uuid
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -78,7 +79,7 @@ def changed_inputs(directory: pathlib.Path) -> str | None:
 def write_rows(path: pathlib.Path, rows: Iterable[np.ndarray]) -> tuple[int, str]:
   """Streams int32 rows to `path` (temp name, then rename); returns (row count, sha256)."""
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # unique: a duplicated unit may write it on another host
   digest, count = hashlib.sha256(), 0
   with open(tmp, "wb") as f:
     for row in rows:
