@@ -1,4 +1,4 @@
-"""Prepare a preset's training data: ``python prepare.py [PRESET] [--data.FIELD VALUE ...] [--seq-len N] [--workers N]``.
+"""Prepare a preset's training data: ``python prepare.py [PRESET] [--data.FIELD VALUE ...] [--workers N] [--runner R]``.
 
 PRESET is a module of configs/, as for train.py; it supplies ``data`` and ``seq_len``, so the
 shards are the ones that run will look for. The flags that follow override it like train.py's
@@ -17,8 +17,8 @@ import configs
 from mpt_jax.data import prepare
 
 
-def parse_args(argv: list[str]) -> prepare.PrepareArgs:
-  """PrepareArgs from an optional leading preset name and the flags that follow."""
+def parse_args(argv: list[str]) -> tuple[prepare.PrepareArgs, list[str]]:
+  """PrepareArgs from an optional leading preset name and the flags that follow, and Beam's options."""
   default = prepare.PrepareArgs()
   if argv and not argv[0].startswith("-"):
     preset = configs.get_config(argv.pop(0))

@@ -1,6 +1,7 @@
 """Data pipeline throughput: `prepare` (tokens/s per core) and the training iterator (tokens/s per host).
 
   python benchmarks/data.py --tokenizer-path ../shared/tokenizers/gpt-neox-20b/tokenizer.json
+  python benchmarks/data.py --runners pool DirectRunner   # the Beam DirectRunner too (requirements-beam.txt)
 
 The input is web-page-sized documents (paragraph groups of the embedded Shakespeare corpus,
 ~4 KB each, like RedPajama's CommonCrawl) written as JSONL, tokenized with GPT-NeoX-20B. The
@@ -31,6 +32,7 @@ class Args:
   tokenizer_path: str = "../shared/tokenizers/gpt-neox-20b/tokenizer.json"
   corpus_copies: int = 4  # JSONL size: this many copies of the ~5 MB corpus
   workers: tuple[int, ...] = (1, 2)  # prepare runs, one per worker count
+  runners: tuple[str, ...] = ("pool",)  # prepare runs, one per runner: "pool" and/or a Beam runner ("DirectRunner")
   unit_mb: int = 4  # small units so the one file spreads over the workers like a 100 GB RedPajama file
   seq_len: int = 2048
   global_batch_size: int = 2200  # the published run's batch; one host reads all of it
@@ -52,16 +54,22 @@ def write_jsonl(path: pathlib.Path, copies: int, doc_chars: int = 4000) -> int:
   return len(lines)
 
 
-def bench_prepare(args: Args, root: pathlib.Path, data: DataConfig, workers: int) -> dict:
+def bench_prepare(args: Args, root: pathlib.Path, data: DataConfig, workers: int, runner: str = "pool") -> dict:
   from mpt_jax.data import prepare as prepare_lib  # TensorFlow: bench_iterator runs without it
 
-  config = dataclasses.replace(data, prepared_dir=str(root / f"prepared-{workers}"))
+  config = dataclasses.replace(data, prepared_dir=str(root / f"prepared-{runner}-{workers}"))
   start = time.perf_counter()
-  directory = prepare_lib.prepare(config, args.seq_len, workers=workers, unit_bytes=args.unit_mb << 20)
+  directory = prepare_lib.prepare(config, args.seq_len, workers=workers, unit_bytes=args.unit_mb << 20, runner=runner)
   seconds = time.perf_counter() - start
   manifest = json.loads((directory / "manifest.json").read_text())
   tokens = sum(s["rows"] for s in manifest["sources"].values()) * args.seq_len
-  return dict(workers=workers, seconds=seconds, tokens=tokens, tokens_per_s_per_core=tokens / seconds / workers)
+  return dict(
+    workers=workers,
+    seconds=seconds,
+    tokens=tokens,
+    tokens_per_s_per_core=tokens / seconds / workers,
+    manifest=manifest["fingerprint"],
+  )
 
 
 def bench_raw_tokenizer(args: Args, jsonl: pathlib.Path) -> float:
@@ -105,13 +113,14 @@ def main(args: Args) -> None:
     )
     print(f"raw tokenizers encode, 1 thread: {bench_raw_tokenizer(args, jsonl):,.0f} tokens/s")
     data = DataConfig(mixture="redpajama_c4", source_patterns=(f"c4={jsonl}",), tokenizer_path=args.tokenizer_path)
-    for workers in args.workers:
-      result = bench_prepare(args, root, data, workers)
-      print(
-        f"prepare, {workers} worker(s): {result['tokens']:,} tokens in {result['seconds']:.1f} s "
-        f"= {result['tokens_per_s_per_core']:,.0f} tokens/s per core"
-      )
-    data = dataclasses.replace(data, prepared_dir=str(root / f"prepared-{args.workers[0]}"))
+    for runner in args.runners:
+      for workers in args.workers:
+        result = bench_prepare(args, root, data, workers, runner)
+        print(
+          f"prepare --runner {runner}, {workers} worker(s): {result['tokens']:,} tokens in {result['seconds']:.1f} s "
+          f"= {result['tokens_per_s_per_core']:,.0f} tokens/s per core (manifest {result['manifest'][:12]})"
+        )
+    data = dataclasses.replace(data, prepared_dir=str(root / f"prepared-{args.runners[0]}-{args.workers[0]}"))
     for outputs in ({}, dict(segment_ids=True)):
       result = bench_iterator(args, data, **outputs)
       print(

@@ -11,6 +11,7 @@ import contextlib
 import os
 import pathlib
 import shutil
+import uuid
 from typing import Iterator
 
 
@@ -22,7 +23,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[pathlib.Path]:
   """
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # unique across processes and hosts (data units)
   try:
     yield tmp
     os.replace(tmp, path)

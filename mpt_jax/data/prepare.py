@@ -10,6 +10,7 @@ error listing what each of its files gave, and nothing is written. docs/data.md 
 the pipeline.
 
   python -m mpt_jax.data.prepare [--data.FIELD VALUE ...] [--seq-len N] [--workers N]
+      [--runner pool|DirectRunner|DataflowRunner|FlinkRunner|SparkRunner [BEAM PIPELINE OPTIONS ...]]
 
 To prepare what a preset of configs/ will train on, use prepare.py beside train.py, which
 reads the preset and then the same flags:
@@ -25,7 +26,7 @@ import multiprocessing
 import os
 import pathlib
 import sys
-from typing import Callable
+from collections.abc import Callable, Sequence
 
 import seqio
 import tqdm
@@ -46,6 +47,7 @@ class PrepareArgs:
   seq_len: int = 2048  # tokens per row (TrainConfig.seq_len)
   workers: int = os.cpu_count() or 1  # processes; 1 runs in this process
   unit_mb: int = sources.DEFAULT_UNIT_BYTES >> 20  # plain JSONL files are split into units of this size
+  runner: str = "pool"  # "pool" (processes on this host) or a Beam runner (beam_prepare.py, requirements-beam.txt)
 
   def __post_init__(self):
     for name, least in (("seq_len", 2), ("workers", 1), ("unit_mb", 1)):
@@ -55,9 +57,18 @@ class PrepareArgs:
 
 
 def prepare(
-  config: DataConfig, seq_len: int, *, workers: int = 1, unit_bytes: int = sources.DEFAULT_UNIT_BYTES
+  config: DataConfig,
+  seq_len: int,
+  *,
+  workers: int = 1,
+  unit_bytes: int = sources.DEFAULT_UNIT_BYTES,
+  runner: str = "pool",
+  pipeline_args: Sequence[str] = (),
 ) -> pathlib.Path:
   """Prepares `config`'s data packed to `seq_len` (unless done from the same input files); returns its directory.
+
+  `runner` "pool" runs the units in `workers` processes; a Beam runner name runs the same units as
+  a Beam pipeline with `pipeline_args` (beam_prepare.py): the prepared bytes are the same.
 
   Raises:
     ValueError: a source yields no full row of `seq_len` tokens; names each of its files
@@ -70,7 +81,7 @@ def prepare(
     if changed is None:
       return out
     logging.warning("%s is stale, its input files changed: %s; preparing it again", out, changed)
-  provider = _register(config, unit_bytes)
+  provider = register_tasks(config, unit_bytes)
   patterns = tasks.input_patterns(config)
   inputs = shards.input_files(patterns)  # before reading: a file changed meanwhile makes the next run redo it
   rates = tasks.tasks_of(provider)
@@ -78,7 +89,7 @@ def prepare(
   with atomic_directory(out, replace=True) as tmp:  # nothing half-written stays behind
     results = []
     with tqdm.tqdm(total=len(jobs), desc=f"prepare {config.mixture}", unit="unit") as bar:
-      for result in _run(jobs, (config, unit_bytes), seq_len, tmp, workers):
+      for result in _run(jobs, (config, unit_bytes), seq_len, tmp, workers, runner, pipeline_args):
         results.append(result)
         bar.set_postfix(rows=sum(r["rows"] for r in results), refresh=False)
         bar.update()
@@ -104,22 +115,37 @@ def _require_rows(results: list[dict], rates: dict[str, float], seq_len: int) ->
     raise ValueError(f"{task} yields no full row of {seq_len} tokens, so nothing was prepared; per file: {files}")
 
 
-def _run(jobs, register_args, seq_len, tmp, workers):
+def _run(jobs, register_args, seq_len, tmp, workers, runner="pool", pipeline_args=()):
+  if runner != "pool":
+    try:
+      from mpt_jax.data import beam_prepare  # the optional extra, imported only when asked for
+    except ModuleNotFoundError as e:
+      message = f"--runner {runner} needs Apache Beam: pip install -r requirements-beam.txt ({e})"
+      raise ModuleNotFoundError(message) from e
+    yield from beam_prepare.run(
+      jobs, register_args, seq_len, tmp, runner=runner, workers=workers, pipeline_args=pipeline_args
+    )
+    return
   args = [(job, seq_len, str(tmp)) for job in jobs]
   if workers <= 1 or len(jobs) == 1:
-    yield from map(_pack_unit, args)
+    yield from map(pack_unit, args)
     return
   context = multiprocessing.get_context("spawn")  # TensorFlow does not survive fork
-  with context.Pool(min(workers, len(jobs)), initializer=_register, initargs=register_args) as pool:
-    yield from pool.imap_unordered(_pack_unit, args)
+  with context.Pool(min(workers, len(jobs)), initializer=register_tasks, initargs=register_args) as pool:
+    yield from pool.imap_unordered(pack_unit, args)
 
 
-def _register(config: DataConfig, unit_bytes: int) -> seqio.Task | seqio.Mixture:
+def register_tasks(config: DataConfig, unit_bytes: int) -> seqio.Task | seqio.Mixture:
+  """Registers `config`'s Tasks in this process (each pool or Beam worker does) and returns its Task or Mixture."""
   return tasks.register(config, load_tokenizer(config), unit_bytes=unit_bytes)
 
 
-def _pack_unit(arg) -> dict:
-  """Runs one source unit through its Task and writes the packed rows to one shard file."""
+def pack_unit(arg) -> dict:
+  """Runs one source unit through its Task and writes the packed rows to one shard file (pool and Beam workers).
+
+  `arg` is ((task name, unit index, unit count), seq_len, output directory); returns the unit's
+  result (task, unit, file, rows, sha256, stats), from which `prepare` writes the manifest.
+  """
   (task_name, index, num_units), seq_len, tmp = arg
   task = seqio.get_mixture_or_task(task_name)
   task.source.stats.clear()
@@ -153,24 +179,38 @@ def _manifest(config, seq_len, tokenizer, rates, results) -> dict:
   )
 
 
-def parse_args(argv: list[str], default: PrepareArgs = PrepareArgs()) -> PrepareArgs:
-  """PrepareArgs from the flags in ``argv``, applied over ``default`` (prepare.py passes a preset's)."""
+def parse_args(argv: list[str], default: PrepareArgs = PrepareArgs()) -> tuple[PrepareArgs, list[str]]:
+  """PrepareArgs from the flags in ``argv``, applied over ``default`` (prepare.py passes a preset's),
+  and the Beam options: with `--runner` a Beam runner, flags PrepareArgs does not know are
+  Beam pipeline options."""
   if argv and not argv[0].startswith("-"):
     raise ValueError(
       f"unexpected argument {argv[0]!r}: a preset name is read by prepare.py beside train.py "
       "(python prepare.py PRESET [flags]); this module takes flags only"
     )
   with cli.config_errors_raise():  # a bad value raises ValueError
-    return tyro.cli(PrepareArgs, default=default, args=argv)
+    args, beam_args = tyro.cli(PrepareArgs, default=default, args=argv, return_unknown_args=True)
+  if beam_args and args.runner == "pool":
+    raise ValueError(f"unknown arguments {beam_args} (Beam pipeline options need --runner, e.g. DirectRunner)")
+  return args, beam_args
 
 
-def main(argv: list[str], parse: Callable[[list[str]], PrepareArgs] = parse_args) -> int:
+def main(argv: list[str], parse: Callable[[list[str]], tuple[PrepareArgs, list[str]]] = parse_args) -> int:
   """Prepares what ``argv`` asks for (read by ``parse``) and prints its directory; returns the exit status (mpt_jax.cli)."""
   logging.basicConfig(level=logging.INFO, format="%(message)s")
 
   def command():
-    args = parse(list(argv))
-    print(prepare(args.data, args.seq_len, workers=args.workers, unit_bytes=args.unit_mb << 20))
+    args, beam_args = parse(list(argv))
+    print(
+      prepare(
+        args.data,
+        args.seq_len,
+        workers=args.workers,
+        unit_bytes=args.unit_mb << 20,
+        runner=args.runner,
+        pipeline_args=beam_args,
+      )
+    )
 
   return cli.run(command)
 
