@@ -5,14 +5,21 @@ manifests, tokenizers, metrics, plots, evaluation reports, checksums) goes throu
 these. A rename within one folder is atomic on POSIX file systems, so a crash leaves either
 the old content or the new, and the temporary sibling (a dot-name with the process id) is
 removed on error.
+
+On an object store (a gs:// URL, mpt_jax.paths) there is no rename to make a write atomic,
+but each object appears only once its upload is complete: the temporary file or folder is
+local, and is uploaded when finished (a folder file by file, see paths.upload_tree).
 """
 
 import contextlib
 import os
 import pathlib
 import shutil
+import tempfile
 import uuid
 from typing import Iterator
+
+from mpt_jax import paths
 
 
 @contextlib.contextmanager
@@ -21,6 +28,12 @@ def atomic_file(path: str | os.PathLike) -> Iterator[pathlib.Path]:
 
   On error the temporary file is removed and ``path`` is left as it was.
   """
+  if paths.is_remote(path):
+    with tempfile.TemporaryDirectory() as local:
+      tmp = pathlib.Path(local) / paths.workdir_path(path).name
+      yield tmp
+      paths.copy_file(tmp, path)
+    return
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # unique across processes and hosts (data units)
@@ -52,8 +65,13 @@ def atomic_directory(path: str | os.PathLike, *, replace: bool = False) -> Itera
       is kept.
 
   A crash or error leaves nothing at ``path`` that was not there before, and removes the
-  temporary folder.
+  temporary folder. On an object store, only a crash during the final upload leaves part of
+  the folder (its top-level files last: paths.upload_tree), and ``replace`` deletes the old
+  folder before uploading the new one.
   """
+  if paths.is_remote(path):
+    yield from _remote_directory(paths.workdir_path(path), replace)
+    return
   path = pathlib.Path(path)
   if not replace:
     refuse_existing(path)
@@ -69,6 +87,19 @@ def atomic_directory(path: str | os.PathLike, *, replace: bool = False) -> Itera
       tmp.rename(path)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remote_directory(path, replace: bool) -> Iterator[pathlib.Path]:
+  """atomic_directory for a URL: fill a local temporary folder, then upload it."""
+  if not replace:
+    refuse_existing(path)
+  with tempfile.TemporaryDirectory() as local:
+    tmp = pathlib.Path(local) / path.name
+    tmp.mkdir()
+    yield tmp
+    if replace and path.exists():
+      path.rmtree()
+    paths.upload_tree(tmp, path)
 
 
 def _replace_directory(tmp: pathlib.Path, path: pathlib.Path) -> None:
@@ -88,5 +119,5 @@ def _replace_directory(tmp: pathlib.Path, path: pathlib.Path) -> None:
 
 def refuse_existing(path: str | os.PathLike) -> None:
   """An output folder must be new: nothing a user has is overwritten."""
-  if pathlib.Path(path).exists():
+  if paths.workdir_path(path).exists():
     raise FileExistsError(f"{path} already exists; remove it or choose another output path")

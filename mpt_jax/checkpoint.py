@@ -50,7 +50,7 @@ def load_params(path: str | os.PathLike) -> tuple[MPTConfig, dict[str, Any]]:
   ``path`` is a model folder or a training workdir (the newest intact checkpoint's parameters).
   """
   if _is_workdir(path):
-    return _workdir_params(pathlib.Path(path) / CHECKPOINT_DIR)
+    return _workdir_params(paths.workdir_path(path) / CHECKPOINT_DIR)
   return read_params(path)
 
 
@@ -78,7 +78,7 @@ def load_model(path: str | os.PathLike, **config_overrides) -> MPTForCausalLM:
 
 def _is_workdir(path: str | os.PathLike) -> bool:
   """True for a training workdir, False for a model folder; neither is an error naming both."""
-  path = pathlib.Path(path)
+  path = paths.workdir_path(path)
   if (path / CONFIG_FILE).is_file():
     return False
   if (path / CHECKPOINT_DIR).is_dir():
@@ -188,7 +188,7 @@ class TrainCheckpointer:
       aside.mkdir(exist_ok=True)
       for step in broken:
         target = aside / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-        (self.directory / str(step)).rename(target)
+        paths.move(self.directory / str(step), target)  # a folder: copied file by file on an object store
         logging.warning("moved the unusable checkpoint of step %d to %s", step, target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("mpt_jax.checkpoint.set_aside")

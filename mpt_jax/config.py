@@ -190,6 +190,10 @@ class MeshConfig:
   data: int = 1  # pure data parallelism (replicated parameters)
   fsdp: int = -1  # data parallelism with parameters and optimizer state sharded (ZeRO-3)
   tensor: int = 1  # heads, MLP hidden and vocabulary split across devices
+  # Several TPU slices (multislice): how many slices the data axis spans. Only data parallelism
+  # crosses slices (DCN is slow; its one all-reduce per step hides behind compute); fsdp and
+  # tensor, and data / dcn_data, stay inside a slice on the fast ICI links.
+  dcn_data: int = 1
   # Multi-process runs (one process per host): jax.distributed.initialize before anything else.
   multi_process: bool = False  # join a cluster that JAX detects itself (Slurm, Open MPI, Cloud TPU, JAX_* env)
   coordinator_address: str | None = None  # "host:port" of process 0; setting it implies multi_process
@@ -201,6 +205,9 @@ class MeshConfig:
       _check(self, name, lambda v: _is_int(v) and (v >= 1 or v == -1), "a positive integer or -1")
     if [self.data, self.fsdp, self.tensor].count(-1) > 1:
       raise ValueError(f"MeshConfig: at most one of data, fsdp, tensor may be -1, got {self}")
+    _check(self, "dcn_data", lambda v: _is_int(v) and v >= 1, "a positive integer (the number of slices)")
+    if self.data != -1 and self.data % self.dcn_data:
+      raise ValueError(f"MeshConfig: dcn_data={self.dcn_data} slices must divide data={self.data}, got {self}")
     _check(self, "num_processes", lambda v: v is None or (_is_int(v) and v >= 1), "a positive integer or None")
     _check(
       self,

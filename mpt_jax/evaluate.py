@@ -21,7 +21,7 @@ import pathlib
 import time
 from typing import Literal
 
-from mpt_jax import checkpoint
+from mpt_jax import checkpoint, paths
 from mpt_jax.atomic import write_atomically
 from mpt_jax.eval import icl, perplexity
 from mpt_jax.generate import check_vocabulary
@@ -62,7 +62,7 @@ def _run(args: Args) -> dict[str, dict]:
       f"--batch-size must be >= 1 and --max-examples >= 0, got {args.batch_size} and {args.max_examples}"
     )
   tasks = _read_tasks(args)  # every task file checked before the model loads
-  if not pathlib.Path(args.model).exists():
+  if not paths.workdir_path(args.model).exists():  # a folder or a gs:// URL
     raise FileNotFoundError(f"--model {args.model} does not exist: give a model folder or a training workdir")
   tokenizer = Tokenizer.from_file(args.tokenizer)
   model = checkpoint.load_model(args.model, dtype=args.dtype)

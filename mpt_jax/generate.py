@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mpt_jax import checkpoint, model_folder
+from mpt_jax import checkpoint, model_folder, paths
 from mpt_jax.model import KVCache, MPTForCausalLM
 
 CACHE_ROUNDING = 64  # cache lengths are rounded up to a multiple of this: fewer distinct compilations
@@ -317,7 +317,7 @@ def _run(args: Args) -> list[str]:
   if not texts:
     raise ValueError("no prompt: give --prompt TEXT or --prompt-file FILE")
   _check_positive_int("--max-new-tokens", args.max_new_tokens)
-  if not pathlib.Path(args.model).exists():
+  if not paths.workdir_path(args.model).exists():  # a folder or a gs:// URL
     raise FileNotFoundError(f"--model {args.model} does not exist: give a model folder or a training workdir")
   tokenizer = Tokenizer.from_file(args.tokenizer)
   model = checkpoint.load_model(args.model, dtype=args.dtype)

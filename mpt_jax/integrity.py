@@ -47,8 +47,9 @@ def verify(directory: str | os.PathLike) -> str | None:
     path = directory / name
     if not path.is_file():
       return f"{name} is missing"
-    if path.stat().st_size != size:
-      return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    actual = paths.file_size(path)
+    if actual != size:
+      return f"{name} has {actual} bytes, {size} were written"
   names = sorted(manifest)
   for name, found in zip(names, _digests(directory, names)):
     if found != manifest[name]:
@@ -57,8 +58,9 @@ def verify(directory: str | os.PathLike) -> str | None:
 
 
 def _files(directory: pathlib.Path) -> list[str]:
+  """The files in the subfolders (orbax's items) of ``directory``, relative to it; a gs:// URL too."""
   return sorted(
-    str(p.relative_to(directory)) for sub in directory.iterdir() if sub.is_dir() for p in sub.rglob("*") if p.is_file()
+    p.relative_to(directory).as_posix() for sub in directory.iterdir() if sub.is_dir() for p in paths.files_under(sub)
   )
 
 

@@ -7,14 +7,20 @@ seq_len per token; 9.0766e9 for MPT-1B at 2048. Only process 0 writes files.
 A workdir's history is one run's: a resumed run first drops what was logged after the
 restored step (it is about to be logged again), a fresh run first moves an earlier run's
 files to WORKDIR/previous/<time>/.
+
+The workdir may be a gs:// URL (mpt_jax.paths). Object stores cannot append, so there
+metrics.jsonl is kept in memory and the whole file rewritten at each write rather than
+written locally and copied at the end: a preempted or crashed run (the usual end of a long
+TPU run) keeps every logged step, and the file is small (a line of ~200 bytes per logged
+step). tensorboardX does the same for its gs:// event files (it needs google-cloud-storage).
 """
 
 import json
 import os
 import pathlib
-import shutil
 import time
 
+from mpt_jax import paths
 from mpt_jax.atomic import atomic_file, write_atomically
 
 # Dense bf16 peak per device (Composer's speed_monitor.py). H200 is the H100 die with more memory.
@@ -54,8 +60,9 @@ class MetricsWriter:
   """
 
   def __init__(self, workdir: str | os.PathLike, *, resumed_step: int | None, enabled: bool = True):
-    self.workdir = pathlib.Path(workdir)
+    self.workdir = paths.workdir_path(workdir)
     self.enabled = enabled
+    self._remote = paths.is_remote(self.workdir)
     if enabled:
       from tensorboardX import SummaryWriter  # heavy (protobuf); only the writing process needs it
 
@@ -67,7 +74,11 @@ class MetricsWriter:
       # purge_step: TensorBoard hides the events of steps after the restored one written before.
       purge_step = None if resumed_step is None else resumed_step + 1
       self._tensorboard = SummaryWriter(str(self.workdir / TENSORBOARD_DIR), purge_step=purge_step)
-      self._jsonl = open(self.workdir / METRICS_FILE, "a")
+      if self._remote:  # no append: the lines so far, rewritten whole at each write (module docstring)
+        file = self.workdir / METRICS_FILE
+        self._lines = file.read_text().splitlines(keepends=True) if file.exists() else []
+      else:
+        self._jsonl = open(self.workdir / METRICS_FILE, "a")
 
   def write(self, step: int, metrics: dict[str, float | None]) -> None:
     if not self.enabled:
@@ -75,14 +86,20 @@ class MetricsWriter:
     for name, value in metrics.items():
       if value is not None:
         self._tensorboard.add_scalar(name if "/" in name else f"train/{name}", value, step)
-    self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-    self._jsonl.flush()
+    line = json.dumps({"step": step, **metrics}) + "\n"
+    if self._remote:
+      self._lines.append(line)
+      write_atomically(self.workdir / METRICS_FILE, "".join(self._lines))
+    else:
+      self._jsonl.write(line)
+      self._jsonl.flush()
 
   def close(self) -> None:
     if not self.enabled:
       return
     self._tensorboard.close()
-    self._jsonl.close()
+    if not self._remote:
+      self._jsonl.close()
     plot_loss(self.workdir / METRICS_FILE, self.workdir / LOSS_PNG)
 
 
@@ -96,7 +113,7 @@ def _move_history_aside(workdir: pathlib.Path) -> None:
     target = target.with_name(target.name + "+")
   target.mkdir(parents=True)
   for name in names:
-    shutil.move(workdir / name, target / name)
+    paths.move(workdir / name, target / name)
 
 
 def _keep_steps_up_to(metrics_file: pathlib.Path, step: int) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from mpt_jax import integrity
+from mpt_jax import integrity, paths
 from mpt_jax.atomic import atomic_directory
 from mpt_jax.config import RUNTIME_FIELDS, MPTConfig
 from mpt_jax.hf_config import from_hf_dict, to_hf_dict
@@ -49,7 +49,7 @@ def write_config(config: MPTConfig, folder: pathlib.Path) -> None:
 
 def read_config(folder: str | os.PathLike) -> MPTConfig:
   """The MPTConfig a save_model folder was written with."""
-  file = pathlib.Path(folder) / CONFIG_FILE
+  file = paths.workdir_path(folder) / CONFIG_FILE
   if not file.is_file():
     raise FileNotFoundError(f"{file} not found: is {folder} a folder written by save_model?")
   d = json.loads(file.read_text())
@@ -89,7 +89,7 @@ def read_params(path: str | os.PathLike) -> tuple[MPTConfig, dict[str, Any]]:
   target = abstract_params(config)
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
   with reading(path), ocp.PyTreeCheckpointer() as checkpointer:
-    params = checkpointer.restore(pathlib.Path(path).absolute() / PARAMS_DIR, item=target, restore_args=restore_args)
+    params = checkpointer.restore(paths.workdir_path(path) / PARAMS_DIR, item=target, restore_args=restore_args)
   return config, params
 
 
@@ -100,7 +100,7 @@ def read_model(path: str | os.PathLike, config: MPTConfig) -> MPTForCausalLM:
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_params(stored))
   with reading(path), ocp.StandardCheckpointer() as checkpointer:
-    params = checkpointer.restore(pathlib.Path(path).absolute() / PARAMS_DIR, target)
+    params = checkpointer.restore(paths.workdir_path(path) / PARAMS_DIR, target)
   if stored.scan_layers != config.scan_layers:
     params["blocks"] = relayout_blocks(params["blocks"], config)
   return model_from_params(config, params)
@@ -126,7 +126,7 @@ def restore_params(path: str | os.PathLike, config: MPTConfig, shardings: dict[s
     return jax.device_put(jax.tree.map(lambda x: x.astype(config.param_dtype), params), shardings)
   stored = abstract_params(dataclasses.replace(config, scan_layers=saved.scan_layers))
   with reading(path), ocp.StandardCheckpointer() as checkpointer:
-    return checkpointer.restore(pathlib.Path(path).absolute() / PARAMS_DIR, with_shardings(stored, shardings))
+    return checkpointer.restore(paths.workdir_path(path) / PARAMS_DIR, with_shardings(stored, shardings))
 
 
 def model_from_params(config: MPTConfig, params: dict[str, Any]) -> MPTForCausalLM:

@@ -62,11 +62,63 @@ def mesh_shape(config: MeshConfig, device_count: int) -> tuple[int, int, int]:
   return tuple(sizes)
 
 
+def slice_index(device) -> int:
+  """The TPU slice a device sits in (multislice); 0 on one slice, CPU and GPU.
+
+  A module-level function so that a CPU test can pretend its virtual devices are several slices.
+  """
+  return getattr(device, "slice_index", 0)
+
+
 def make_mesh(config: MeshConfig, devices=None) -> jax.sharding.Mesh:
-  """The (data, fsdp, tensor) mesh over ``devices`` (default: all devices of all processes)."""
+  """The (data, fsdp, tensor) mesh over ``devices`` (default: all devices of all processes).
+
+  With ``config.dcn_data`` > 1 the data axis spans that many slices (hybrid ICI x DCN mesh):
+  see ``hybrid_device_array``.
+  """
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(config, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
+  axis_types = (jax.sharding.AxisType.Auto,) * 3
+  if config.dcn_data == 1:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  return jax.sharding.Mesh(hybrid_device_array(shape, config.dcn_data, devices), MESH_AXES, axis_types=axis_types)
+
+
+def hybrid_device_array(shape: tuple[int, int, int], dcn_data: int, devices) -> np.ndarray:
+  """Devices as a (data, fsdp, tensor) array whose data axis crosses ``dcn_data`` slices.
+
+  Every fsdp x tensor group (and data / dcn_data rows of data) lies inside one slice, so the
+  per-layer all-gathers and reduce-scatters of FSDP and tensor parallelism stay on ICI; only
+  the gradient all-reduce over data crosses DCN. Slice i is rows [i * data / dcn_data, ...) of
+  the data axis. jax's own create_hybrid_device_mesh does the same but needs TPU devices; this
+  one takes ``slice_index`` so that it can be tested on CPU.
+  """
+  data, fsdp, tensor = shape
+  if data % dcn_data:
+    raise ValueError(f"MeshConfig.dcn_data={dcn_data} slices must divide the data axis, which has {data} devices")
+  by_slice: dict[int, list] = {}
+  for device in devices:
+    by_slice.setdefault(slice_index(device), []).append(device)
+  if len(by_slice) != dcn_data:
+    raise ValueError(
+      f"MeshConfig.dcn_data={dcn_data}, but the {len(devices)} devices are in {len(by_slice)} slice(s) "
+      f"{sorted(by_slice)}: set --mesh.dcn-data to the number of slices"
+    )
+  sizes = {index: len(slice_devices) for index, slice_devices in sorted(by_slice.items())}
+  if len(set(sizes.values())) != 1:
+    raise ValueError(f"slices of unequal size (slice index: devices) {sizes}: a hybrid mesh needs equal slices")
+  # mesh_shape checked data * fsdp * tensor == len(devices), so this ICI shape fills one slice exactly.
+  ici_shape = (data // dcn_data, fsdp, tensor)
+  return np.concatenate([_slice_device_array(by_slice[index], ici_shape) for index in sorted(by_slice)], axis=0)
+
+
+def _slice_device_array(devices: list, ici_shape: tuple[int, int, int]) -> np.ndarray:
+  """One slice's devices in the ICI shape: TPU topology-aware (neighbours on fast links), else in order."""
+  if devices[0].platform == "tpu":
+    from jax.experimental import mesh_utils
+
+    return mesh_utils.create_device_mesh(ici_shape, devices=devices)
+  return np.array(devices, dtype=object).reshape(ici_shape)
 
 
 def data_parallel_size(mesh: jax.sharding.Mesh) -> int:

@@ -95,3 +95,65 @@ def test_published_run_fits_eight_devices_with_every_large_weight_split_eight_wa
   for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(shardings)):
     if x.size >= 2**20:  # every weight matrix; LayerNorm scales (at most 24 x 2048) stay whole
       assert np.prod(s.shard_shape(x.shape)) == x.size // 8, (x.shape, s.spec)
+
+
+def _two_slices_of_four(monkeypatch):
+  """Pretends the 8 virtual CPU devices are 2 TPU slices of 4, interleaved so plain order would mix them."""
+  monkeypatch.setattr(sharding, "slice_index", lambda device: device.id % 2)
+
+
+@pytest.mark.parametrize(
+  "config",
+  [
+    MeshConfig(data=2, fsdp=4, tensor=1, dcn_data=2),
+    MeshConfig(data=2, fsdp=2, tensor=2, dcn_data=2),
+    MeshConfig(data=4, fsdp=-1, tensor=1, dcn_data=2),
+    MeshConfig(data=-1, fsdp=2, tensor=1, dcn_data=2),
+  ],
+  ids=lambda x: str(x).split(", multi")[0],
+)
+def test_hybrid_mesh_keeps_fsdp_and_tensor_inside_one_slice(monkeypatch, config):
+  _two_slices_of_four(monkeypatch)
+  mesh = sharding.make_mesh(config)
+  data, fsdp, tensor = sharding.mesh_shape(config, 8)
+  assert tuple(mesh.shape.values()) == (data, fsdp, tensor)
+  assert sorted(d.id for d in mesh.devices.flat) == list(range(8))
+  slices = np.vectorize(sharding.slice_index)(mesh.devices)
+  for row in slices:  # one data index: the fsdp x tensor group that all-gathers every layer's weights
+    assert len(set(row.flat)) == 1, slices
+  # The data axis crosses slices: its first half lies in one slice, its second in the other.
+  per_slice = data // 2
+  assert set(slices[:per_slice].flat) != set(slices[per_slice:].flat)
+
+
+def test_state_is_born_sharded_over_a_hybrid_mesh(monkeypatch):
+  """The hybrid mesh is an ordinary mesh to the trainer; each fsdp shard group is one slice."""
+  _two_slices_of_four(monkeypatch)
+  mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=4, tensor=1, dcn_data=2))
+  config = TrainConfig(model=TINY, seq_len=32, global_batch_size=8, steps=3)
+  with jax.set_mesh(mesh):
+    state = trainer.make_setup(config, mesh).init()
+  wte = state.params["wte"][...]
+  assert wte.sharding.mesh == mesh
+  # The 4 shards of a weight over fsdp sit in one slice; the other slice holds a replica.
+  for shard in wte.addressable_shards:
+    assert shard.data.size == wte.size // 4
+  by_index = {}
+  for shard in wte.addressable_shards:
+    by_index.setdefault(str(shard.index), set()).add(sharding.slice_index(shard.device))
+  assert all(slices == {0, 1} for slices in by_index.values())
+
+
+def test_hybrid_mesh_errors_are_clear(monkeypatch):
+  _two_slices_of_four(monkeypatch)
+  with pytest.raises(ValueError, match="devices are in 2 slice"):
+    sharding.make_mesh(MeshConfig(data=4, fsdp=2, tensor=1, dcn_data=4))
+  with pytest.raises(ValueError, match="must divide the data axis, which has 1"):
+    sharding.make_mesh(MeshConfig(data=-1, fsdp=8, tensor=1, dcn_data=2))
+  monkeypatch.setattr(sharding, "slice_index", lambda device: int(device.id >= 3))
+  with pytest.raises(ValueError, match=r"slices of unequal size .* \{0: 3, 1: 5\}"):
+    sharding.make_mesh(MeshConfig(data=2, fsdp=4, tensor=1, dcn_data=2))
+  with pytest.raises(ValueError, match="dcn_data=2 slices must divide data=3"):
+    MeshConfig(data=3, fsdp=1, tensor=1, dcn_data=2)
+  with pytest.raises(ValueError, match="dcn_data must be a positive integer"):
+    MeshConfig(dcn_data=0)
