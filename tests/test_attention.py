@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mpt_jax.alibi import alibi_slopes
-from mpt_jax.attention import dot_product_attention, pallas_triton, reference
+from mpt_jax.attention import dot_product_attention, pallas_tpu, pallas_triton, reference
 
 INTERPRET = jax.default_backend() != "gpu"
 # Forward and backward blocks all differ, so a swapped block size shows as a wrong answer.
@@ -168,32 +168,37 @@ def test_sharded_matches_unsharded():
     np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-6, atol=1e-6)
 
 
+# Each flash kernel with a head_dim its tiles do not take.
+KERNELS = {"pallas_triton": (pallas_triton.flash_attention, 48), "pallas_tpu": (pallas_tpu.flash_attention, 384)}
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize(
   "change, name",
   [
-    (dict(k=np.zeros((2, 16, 3, 64), np.float32)), "k.shape"),
-    (dict(slopes=np.ones(4, np.float32)), "slopes"),
-    (dict(segment_ids=np.zeros((2, 8), np.int32)), "segment_ids"),
-    (dict(segment_ids=np.zeros((2, 32), np.float32)), "segment_ids"),
-    (dict(q=np.zeros((2, 32, 3, 48)), k=np.zeros((2, 32, 3, 48)), v=np.zeros((2, 32, 3, 48))), "head_dim"),
-    (dict(v=np.zeros((2, 32, 3, 64), jnp.bfloat16)), "v.dtype"),
-    (dict(scale=-1.0), "scale"),
+    (lambda h: dict(k=np.zeros((2, 16, 3, 64), np.float32)), "k.shape"),
+    (lambda h: dict(slopes=np.ones(4, np.float32)), "slopes"),
+    (lambda h: dict(segment_ids=np.zeros((2, 8), np.int32)), "segment_ids"),
+    (lambda h: dict(segment_ids=np.zeros((2, 32), np.float32)), "segment_ids"),
+    (lambda h: {name: np.zeros((2, 32, 3, h)) for name in "qkv"}, "head_dim"),
+    (lambda h: dict(v=np.zeros((2, 32, 3, 64), jnp.bfloat16)), "v.dtype"),
+    (lambda h: dict(scale=-1.0), "scale"),
+    (lambda h: dict(block_sizes=(64, 64)), "block_sizes"),
   ],
   ids=lambda x: x if isinstance(x, str) else None,
 )
-def test_rejects_bad_input(change, name):
-  args = (
-    dict(
-      q=np.zeros((2, 32, 3, 64), np.float32),
-      k=np.zeros((2, 32, 3, 64), np.float32),
-      v=np.zeros((2, 32, 3, 64), np.float32),
-      slopes=alibi_slopes(3),
-      interpret=INTERPRET,
-    )
-    | change
-  )
+def test_kernels_reject_bad_input_naming_it(kernel, change, name):
+  """One check (attention/inputs.py) guards every kernel's public function."""
+  flash_attention, bad_head_dim = KERNELS[kernel]
+  args = dict(
+    q=np.zeros((2, 32, 3, 64), np.float32),
+    k=np.zeros((2, 32, 3, 64), np.float32),
+    v=np.zeros((2, 32, 3, 64), np.float32),
+    slopes=alibi_slopes(3),
+    interpret=True,
+  ) | change(bad_head_dim)
   with pytest.raises(ValueError, match=name):
-    pallas_triton.flash_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+    flash_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
 
 
 @pytest.mark.parametrize("field, value", [("block_q", 24), ("block_k_dq", 8), ("num_warps", 3), ("num_stages", 0)])

@@ -23,10 +23,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from mpt_jax.attention import flash, pallas_tpu_vjp
 from mpt_jax.attention import pallas_tpu_tiles as tiles
-from mpt_jax.attention import pallas_tpu_vjp
 
-DTYPES = ("float32", "bfloat16")
 MAX_HEAD_DIM = 256
 
 
@@ -115,26 +114,19 @@ def flash_attention(q, k, v, *, slopes, segment_ids=None, causal=True, scale=Non
   Returns:
     [B, T, N, H] in q's dtype.
   """
-  if q.ndim != 4:
-    raise ValueError(f"q must be [B, T, N, H], got {q.shape=}")
-  if k.shape != q.shape or v.shape != q.shape:
-    raise ValueError(f"k and v must be shaped like q (T == S), got {q.shape=} {k.shape=} {v.shape=}")
-  if q.dtype.name not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-    raise ValueError(f"q, k, v must share one dtype of {DTYPES}, got {q.dtype=} {k.dtype=} {v.dtype=}")
-  batch, seq_len, heads, head_dim = q.shape
-  if head_dim > MAX_HEAD_DIM:
-    raise ValueError(f"head_dim must be <= {MAX_HEAD_DIM}, got {head_dim=}")
-  if jnp.shape(slopes) != (heads,):
-    raise ValueError(f"slopes must be [N] = [{heads}], got {jnp.shape(slopes)=}")
-  if segment_ids is not None:
-    if segment_ids.shape != (batch, seq_len) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-      raise ValueError(
-        f"segment_ids must be int [B, T] = [{batch}, {seq_len}], got {segment_ids.shape=} {segment_ids.dtype=}"
-      )
-  if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
-    raise ValueError(f"scale must be a positive Python number or None, got {scale=}")
-  if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
-    raise ValueError(f"block_sizes must be a BlockSizes or None, got {block_sizes=}")
+  flash.check_inputs(
+    q,
+    k,
+    v,
+    slopes,
+    segment_ids,
+    scale,
+    block_sizes,
+    block_sizes_type=BlockSizes,
+    head_dim_ok=lambda h: h <= MAX_HEAD_DIM,
+    head_dim_rule=f"<= {MAX_HEAD_DIM}",
+  )
+  seq_len, head_dim = q.shape[1], q.shape[3]
   blocks = (block_sizes or (BlockSizes() if interpret else BlockSizes.for_device())).fit(seq_len)
   padded_len = blocks.padded_len(seq_len)
   statics = _Statics(
@@ -167,19 +159,8 @@ class _Statics:
   interpret: bool
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnames=("statics",))
-def _attention(q, k, v, slopes, segment_ids, statics):
-  return _forward(q, k, v, slopes, segment_ids, statics)[0]
-
-
-def _attention_fwd(q, k, v, slopes, segment_ids, statics):
-  out, lse = _forward(q, k, v, slopes, segment_ids, statics)
-  return out, (q, k, v, slopes, segment_ids, out, lse)
-
-
-def _attention_bwd(statics, residuals, d_out):
-  q, k, v, slopes, segment_ids, out, lse = residuals
-  dq, dk, dv = pallas_tpu_vjp.backward(
+def _backward(q, k, v, slopes, segment_ids, out, lse, d_out, statics: _Statics):
+  return pallas_tpu_vjp.backward(
     q,
     k,
     v,
@@ -194,11 +175,6 @@ def _attention_bwd(statics, residuals, d_out):
     seq_len=statics.seq_len,
     interpret=statics.interpret,
   )
-  # ALiBi slopes are constants of the model and segment ids are integers: no cotangents.
-  return dq, dk, dv, None, None
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def _forward(q, k, v, slopes, segment_ids, statics: _Statics):
@@ -326,3 +302,6 @@ def _forward_kernel(
     empty = row_sum == 0
     out_ref[...] = (acc_ref[...] / jnp.where(empty, 1.0, row_sum)[:, :1]).astype(out_ref.dtype)
     lse_ref[...] = jnp.where(empty, jnp.inf, max_ref[...] + jnp.log(jnp.where(empty, 1.0, row_sum)))
+
+
+_attention = flash.attention_with_vjp(_forward, _backward)

@@ -21,13 +21,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from mpt_jax.attention import flash, pallas_triton_vjp
 from mpt_jax.attention import pallas_tiles as tiles
-from mpt_jax.attention import pallas_triton_vjp
 
 # Triton tiles are powers of two, and tensor-core dots need every side >= 16.
 MIN_BLOCK = 16
 MAX_HEAD_DIM = 256
-DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,27 +96,21 @@ def flash_attention(q, k, v, *, slopes, segment_ids=None, causal=True, scale=Non
   Returns:
     [B, T, N, H] in q's dtype.
   """
-  if q.ndim != 4:
-    raise ValueError(f"q must be [B, T, N, H], got {q.shape=}")
-  if k.shape != q.shape or v.shape != q.shape:
-    raise ValueError(f"k and v must be shaped like q (T == S), got {q.shape=} {k.shape=} {v.shape=}")
-  if q.dtype.name not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-    raise ValueError(f"q, k, v must share one dtype of {DTYPES}, got {q.dtype=} {k.dtype=} {v.dtype=}")
-  batch, seq_len, heads, head_dim = q.shape
-  if head_dim < MIN_BLOCK or head_dim > MAX_HEAD_DIM or head_dim & (head_dim - 1):
-    raise ValueError(f"head_dim must be a power of two in [{MIN_BLOCK}, {MAX_HEAD_DIM}], got {head_dim=}")
-  if jnp.shape(slopes) != (heads,):
-    raise ValueError(f"slopes must be [N] = [{heads}], got {jnp.shape(slopes)=}")
+  flash.check_inputs(
+    q,
+    k,
+    v,
+    slopes,
+    segment_ids,
+    scale,
+    block_sizes,
+    block_sizes_type=BlockSizes,
+    head_dim_ok=lambda h: MIN_BLOCK <= h <= MAX_HEAD_DIM and not h & (h - 1),
+    head_dim_rule=f"a power of two in [{MIN_BLOCK}, {MAX_HEAD_DIM}]",
+  )
+  head_dim, seq_len = q.shape[3], q.shape[1]
   if segment_ids is not None:
-    if segment_ids.shape != (batch, seq_len) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-      raise ValueError(
-        f"segment_ids must be int [B, T] = [{batch}, {seq_len}], got {segment_ids.shape=} {segment_ids.dtype=}"
-      )
     segment_ids = segment_ids.astype(jnp.int32)
-  if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
-    raise ValueError(f"scale must be a positive Python number or None, got {scale=}")
-  if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
-    raise ValueError(f"block_sizes must be a BlockSizes or None, got {block_sizes=}")
   statics = _Statics(
     causal=causal,
     scale=head_dim**-0.5 if scale is None else float(scale),
@@ -137,19 +130,8 @@ class _Statics:
   interpret: bool
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnames=("statics",))
-def _attention(q, k, v, slopes, segment_ids, statics):
-  return _forward(q, k, v, slopes, segment_ids, statics)[0]
-
-
-def _attention_fwd(q, k, v, slopes, segment_ids, statics):
-  out, lse = _forward(q, k, v, slopes, segment_ids, statics)
-  return out, (q, k, v, slopes, segment_ids, out, lse)
-
-
-def _attention_bwd(statics, residuals, d_out):
-  q, k, v, slopes, segment_ids, out, lse = residuals
-  dq, dk, dv = pallas_triton_vjp.backward(
+def _backward(q, k, v, slopes, segment_ids, out, lse, d_out, statics: _Statics):
+  return pallas_triton_vjp.backward(
     q,
     k,
     v,
@@ -163,11 +145,6 @@ def _attention_bwd(statics, residuals, d_out):
     block_sizes=statics.block_sizes,
     interpret=statics.interpret,
   )
-  # ALiBi slopes are constants of the model and segment ids are integers: no cotangents.
-  return dq, dk, dv, None, None
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def _forward(q, k, v, slopes, segment_ids, statics: _Statics):
@@ -259,3 +236,6 @@ def _forward_kernel(
   tiles.store(out_ref, acc / row_sum[:, None], query.valid)
   query_term = tiles.alibi_query_term(query.slope, query.pos, origin=query.origin, causal=causal)
   lse_ref[...] = row_max + jnp.log2(row_sum) + query_term
+
+
+_attention = flash.attention_with_vjp(_forward, _backward)
