@@ -72,7 +72,7 @@ def atomic_directory(path: str | os.PathLike, *, replace: bool = False) -> Itera
   if paths.is_remote(path):
     yield from _remote_directory(paths.workdir_path(path), replace)
     return
-  path = pathlib.Path(path)
+  path = pathlib.Path(path).absolute()  # orbax, writing into the folder, takes absolute paths only
   if not replace:
     refuse_existing(path)
   path.parent.mkdir(parents=True, exist_ok=True)

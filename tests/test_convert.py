@@ -165,13 +165,14 @@ def test_bfloat16_is_preserved_and_dtype_casts_on_request(tmp_path):
 
 
 def test_cli_round_trip(tmp_path):
-  """The two scripts as a user runs them (subprocesses), through the orbax format the trainer loads."""
+  """The two scripts as a user runs them (subprocesses, paths relative to the working directory),
+  through the orbax format the trainer loads."""
   config = tiny_config()
   state = random_state(config, "mosaic_gpt", seed=4)
-  src = write_checkpoint(tmp_path / "src", to_hf_dict(config), state, "bin")
+  write_checkpoint(tmp_path / "src", to_hf_dict(config), state, "bin")
   for script, args in (
-    ("torch_to_flax", [src, tmp_path / "flax"]),
-    ("flax_to_torch", [tmp_path / "flax", tmp_path / "out", "--layout", "mosaic_gpt"]),
+    ("torch_to_flax", ["src", "flax"]),
+    ("flax_to_torch", ["flax", "out", "--layout", "mosaic_gpt"]),
   ):
     subprocess.run(
       [sys.executable, ROOT / "convert" / f"{script}.py", *args], check=True, capture_output=True, cwd=tmp_path
