@@ -90,16 +90,23 @@ def _configurations(args: Args) -> list[dict]:
   return plain + ours + variants
 
 
+def _model_config(args: Args, **run):
+  """MPT-1B (a toy MPT with --tiny) with the run-time fields ``run``."""
+  from mpt_jax.config import MPTConfig
+
+  if args.tiny:
+    return MPTConfig(d_model=128, n_heads=4, n_layers=2, vocab_size=512, max_seq_len=args.seq_len, **run)
+  return MPTConfig(max_seq_len=max(2048, args.seq_len), **run)
+
+
 def _train_config(args: Args, configuration: dict):
   """The TrainConfig of one configuration of our step (ablation variant applied)."""
-  from mpt_jax.config import MeshConfig, MPTConfig, TrainConfig
+  from mpt_jax.config import MeshConfig, TrainConfig
 
   layers = configuration["layers"]
-  run = dict(remat=configuration["remat"], attn_impl=configuration["attn"], scan_layers=layers != "loop")
-  if args.tiny:
-    model = MPTConfig(d_model=128, n_heads=4, n_layers=2, vocab_size=512, max_seq_len=args.seq_len, **run)
-  else:
-    model = MPTConfig(max_seq_len=max(2048, args.seq_len), **run)
+  model = _model_config(
+    args, remat=configuration["remat"], attn_impl=configuration["attn"], scan_layers=layers != "loop"
+  )
   model = dataclasses.replace(model, scan_unroll=model.n_layers if layers == "unrolled" else 1)
   config = TrainConfig(
     model=model,
@@ -140,14 +147,7 @@ def _plain_step(args: Args, configuration: dict):
   import jax
   import plain_step
 
-  from mpt_jax.config import MPTConfig
-
-  if args.tiny:
-    model = MPTConfig(
-      d_model=128, n_heads=4, n_layers=2, vocab_size=512, max_seq_len=args.seq_len, attn_impl=configuration["attn"]
-    )
-  else:
-    model = MPTConfig(max_seq_len=max(2048, args.seq_len), attn_impl=configuration["attn"])
+  model = _model_config(args, attn_impl=configuration["attn"])
   tokens = jax.random.randint(
     jax.random.key(0), (configuration["batch_size"], args.seq_len), 0, model.vocab_size, dtype="int32"
   )

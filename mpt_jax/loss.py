@@ -104,17 +104,18 @@ def _unchunked(x):
   return jnp.moveaxis(x, 0, 1).reshape(b, chunks * tc, *x.shape[3:])
 
 
-def _chunk_losses(hidden, weight, targets, scale, *, with_logit_grads: bool, weights=None, z_loss=0.0):
-  """One chunk: (cross-entropy [B, C], logsumexp [B, C]) and, if asked, d objective / d logits in bf16."""
-  logits = scale * jnp.einsum("BTD,VD->BTV", hidden, weight, preferred_element_type=jnp.float32)  # [B, C, V]
-  ce, lse = cross_entropy(logits, targets)
-  if not with_logit_grads:
-    return ce, lse
-  # d/dlogits of w * (lse - logit[target] + z * lse^2) = w * ((1 + 2 z lse) * softmax - onehot).
+def _chunk_logits(hidden, weight, scale):
+  """[B, C, D] x [V, D] -> float32 logits [B, C, V] (bf16 operands, float32 accumulation)."""
+  return scale * jnp.einsum("BTD,VD->BTV", hidden, weight, preferred_element_type=jnp.float32)
+
+
+def _logit_grads(logits, lse, targets, weights, z_loss, scale, dtype):
+  """d objective / d logits in ``dtype``: the objective is w * (lse - logit[target] + z * lse^2), whose
+  derivative is w * ((1 + 2 z lse) * softmax - onehot), times the logit scale."""
   softmax = jnp.exp(logits - lse[..., None])
   onehot = jnp.arange(logits.shape[-1]) == targets[..., None]
   d_logits = weights[..., None] * ((1.0 + 2.0 * z_loss * lse)[..., None] * softmax - onehot)
-  return ce, lse, (scale * d_logits).astype(hidden.dtype)
+  return (scale * d_logits).astype(dtype)
 
 
 def _objective(ce, lse, weights, z_loss):
@@ -125,7 +126,7 @@ def _objective(ce, lse, weights, z_loss):
 def _head_cross_entropy(hidden, embedding, targets, weights, z_loss, scale, chunks):
   weight = embedding.astype(hidden.dtype)
   ce, lse = jax.lax.map(
-    lambda args: _chunk_losses(args[0], weight, args[1], scale, with_logit_grads=False),
+    lambda args: cross_entropy(_chunk_logits(args[0], weight, scale), args[1]),
     (_chunked(hidden, chunks), _chunked(targets, chunks)),
   )
   return _objective(_unchunked(ce), _unchunked(lse), weights, z_loss)
@@ -138,7 +139,9 @@ def _head_cross_entropy_fwd(hidden, embedding, targets, weights, z_loss, scale, 
 
   def chunk(d_embedding, args):
     h, t, w = args
-    ce, lse, d_logits = _chunk_losses(h, weight, t, scale, with_logit_grads=True, weights=w, z_loss=z_loss)
+    logits = _chunk_logits(h, weight, scale)
+    ce, lse = cross_entropy(logits, t)
+    d_logits = _logit_grads(logits, lse, t, w, z_loss, scale, hidden.dtype)
     d_h = jnp.einsum("BTV,VD->BTD", d_logits, weight).astype(hidden.dtype)
     d_embedding = d_embedding + jnp.einsum("BTV,BTD->VD", d_logits, h, preferred_element_type=jnp.float32)
     return d_embedding, (ce, lse, d_h)

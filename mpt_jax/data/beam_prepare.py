@@ -20,12 +20,12 @@ import logging
 import pathlib
 import shutil
 import threading
-import uuid
 from collections.abc import Callable, Sequence
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
+from mpt_jax.atomic import write_atomically
 from mpt_jax.data import prepare
 
 RUNNERS = ("DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner", "PortableRunner", "PrismRunner")
@@ -127,7 +127,4 @@ class _PackUnit(beam.DoFn):
         logging.warning(
           "unit %s[%d] failed (attempt %d of %d); redoing it", task, index, attempt, self._attempts, exc_info=True
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    partial.write_text(json.dumps(result))
-    partial.replace(path)  # last: a result on disk means its shard is complete
+    write_atomically(path, json.dumps(result))  # last: a result on disk means its shard is complete
