@@ -1,7 +1,10 @@
-"""Attention speed on one GPU: the Pallas ALiBi flash kernels against XLA and cuDNN (issue 4).
+"""Attention speed on one GPU: the Pallas ALiBi flash kernels against XLA and cuDNN (issues 4, 11).
 
-  python benchmarks/attention.py           # check ours against the reference, then time
-  python benchmarks/attention.py --sweep   # also time candidate BlockSizes, kernel by kernel
+  python benchmarks/attention.py                    # check ours against the reference, then time
+  python benchmarks/attention.py --sweep mosaic_gpu # also time candidate BlockSizes of one kernel family
+
+Ours are the Hopper kernels (pallas_mosaic_gpu.py; skipped on other GPUs) and the Triton
+ones (pallas_triton.py), each timed with its default or swept BlockSizes.
 
 Shape and FLOP count of the project's attention baselines: bf16, B=8, T=2048, N=16, H=128,
 causal; forward 4*B*N*T^2*H/2 FLOPs, forward+backward 3.5x that. Packed rows are counted
@@ -24,7 +27,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from mpt_jax.alibi import alibi_slopes  # noqa: E402
-from mpt_jax.attention import dot_product_attention, pallas_triton, reference  # noqa: E402
+from mpt_jax.attention import dot_product_attention, pallas_mosaic_gpu, pallas_triton, reference  # noqa: E402
 
 BATCH, SEQ, HEADS, HEAD_DIM = 8, 2048, 16, 128
 PACKED_DOCS = 4
@@ -49,15 +52,25 @@ def packed_segment_ids():
   return jnp.broadcast_to(jnp.repeat(jnp.arange(PACKED_DOCS, dtype=jnp.int32), SEQ // PACKED_DOCS), (BATCH, SEQ))
 
 
+# Our kernel families: name -> module with flash_attention and BlockSizes.
+KERNELS = {"mosaic_gpu": pallas_mosaic_gpu, "triton": pallas_triton}
+
+
 def implementations(block_sizes):
-  """name -> attend(q, k, v); each causal with ALiBi unless the name says otherwise."""
+  """name -> attend(q, k, v); each causal with ALiBi unless the name says otherwise.
+
+  ``block_sizes``: kernel family -> its BlockSizes, for the families that run here.
+  """
   slopes = alibi_slopes(HEADS)
   packed = packed_segment_ids()
-  ours = functools.partial(pallas_triton.flash_attention, slopes=slopes, block_sizes=block_sizes)
   cudnn = functools.partial(dot_product_attention, slopes=slopes, impl="cudnn")
+  ours = {}
+  for family, sizes in block_sizes.items():
+    attend = functools.partial(KERNELS[family].flash_attention, slopes=slopes, block_sizes=sizes)
+    ours[f"ours ({family})"] = attend
+    ours[f"ours ({family}), {PACKED_DOCS} packed docs"] = functools.partial(attend, segment_ids=packed)
   return {
-    "ours (Pallas-Triton)": ours,
-    f"ours, {PACKED_DOCS} packed docs": functools.partial(ours, segment_ids=packed),
+    **ours,
     "XLA reference": functools.partial(reference.attention, slopes=slopes),
     "cuDNN, ALiBi as bias": cudnn,
     f"cuDNN, ALiBi bias, {PACKED_DOCS} docs": functools.partial(cudnn, segment_ids=packed),
@@ -85,13 +98,13 @@ def median_seconds(fn, input_sets) -> float:
   return float(np.median(samples))
 
 
-def check(block_sizes, inputs) -> None:
-  """Ours (bf16) against the reference in float32 at HIGHEST on the same upcast inputs."""
+def check(family: str, block_sizes, inputs) -> None:
+  """One kernel family's kernels (bf16) against the reference in float32 at HIGHEST on the same upcast inputs."""
   q, k, v, d_out = inputs
   slopes = alibi_slopes(HEADS)
   for segment_ids in (None, packed_segment_ids()):
     ours = functools.partial(
-      pallas_triton.flash_attention, slopes=slopes, segment_ids=segment_ids, block_sizes=block_sizes
+      KERNELS[family].flash_attention, slopes=slopes, segment_ids=segment_ids, block_sizes=block_sizes
     )
     ref = functools.partial(
       reference.attention, slopes=slopes, segment_ids=segment_ids, precision=jax.lax.Precision.HIGHEST
@@ -101,7 +114,7 @@ def check(block_sizes, inputs) -> None:
     errors = {
       name: _rel_err(a, b) for name, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads))
     }
-    label = "unpacked" if segment_ids is None else f"{PACKED_DOCS} packed docs"
+    label = f"{family}, " + ("unpacked" if segment_ids is None else f"{PACKED_DOCS} packed docs")
     print(f"check vs reference ({label}): " + ", ".join(f"{n} {e:.2e}" for n, e in errors.items()), flush=True)
     bounds = {"out": OUT_TOL, "dq": GRAD_TOL, "dk": GRAD_TOL, "dv": GRAD_TOL}
     failed = [n for n, e in errors.items() if not e < bounds[n]]
@@ -121,59 +134,84 @@ def _rel_err(a, b) -> float:
 
 
 def table(block_sizes, input_sets) -> None:
-  print(f"\n{'implementation':34s} {'fwd ms':>8s} {'fwd TF/s':>9s} {'fwd+bwd ms':>11s} {'fwd+bwd TF/s':>13s}")
+  print(f"\n{'implementation':40s} {'fwd ms':>8s} {'fwd TF/s':>9s} {'fwd+bwd ms':>11s} {'fwd+bwd TF/s':>13s}")
   for name, attend in implementations(block_sizes).items():
     forward, both = forward_and_backward(attend)
     t_fwd, t_both = median_seconds(forward, input_sets), median_seconds(both, input_sets)
     print(
-      f"{name:34s} {t_fwd * 1e3:8.3f} {FWD_FLOPS / t_fwd / 1e12:9.1f} {t_both * 1e3:11.3f} "
+      f"{name:40s} {t_fwd * 1e3:8.3f} {FWD_FLOPS / t_fwd / 1e12:9.1f} {t_both * 1e3:11.3f} "
       f"{FWD_BWD_FLOPS / t_both / 1e12:13.1f}",
       flush=True,
     )
 
 
-# Candidate tilings (block_q, block_k, num_warps, num_stages) per kernel for --sweep.
-FORWARD_CANDIDATES = [
-  (bq, bk, w, s) for bq in (64, 128) for bk in (32, 64, 128) for w, s in ((4, 3), (8, 2), (8, 3), (8, 4))
-]
-DKDV_CANDIDATES = [
-  (bq, bk, w, s)
-  for bq, bk in ((32, 64), (32, 128), (64, 64), (64, 128), (128, 64))
-  for w, s in ((4, 2), (4, 3), (8, 2), (8, 3))
-]
-DQ_CANDIDATES = [
-  (bq, bk, w, s) for bq, bk in ((64, 64), (128, 32), (128, 64), (64, 128)) for w, s in ((4, 2), (4, 3), (8, 2), (8, 3))
-]
+# Candidate tilings per kernel family and kernel: (kernel, BlockSizes field suffix, timed
+# pass (0 forward, 1 forward+backward), field names, candidate values).
+SWEEPS = {
+  "triton": [
+    (
+      "forward",
+      "",
+      0,
+      ("block_q", "block_k", "num_warps", "num_stages"),
+      [(bq, bk, w, s) for bq in (64, 128) for bk in (32, 64, 128) for w, s in ((4, 3), (8, 2), (8, 3), (8, 4))],
+    ),
+    (
+      "dK/dV",
+      "_dkv",
+      1,
+      ("block_q", "block_k", "num_warps", "num_stages"),
+      [
+        (bq, bk, w, s)
+        for bq, bk in ((32, 64), (32, 128), (64, 64), (64, 128), (128, 64))
+        for w, s in ((4, 2), (4, 3), (8, 2), (8, 3))
+      ],
+    ),
+    (
+      "dQ",
+      "_dq",
+      1,
+      ("block_q", "block_k", "num_warps", "num_stages"),
+      [
+        (bq, bk, w, s)
+        for bq, bk in ((64, 64), (128, 32), (128, 64), (64, 128))
+        for w, s in ((4, 2), (4, 3), (8, 2), (8, 3))
+      ],
+    ),
+  ],
+  "mosaic_gpu": [
+    (
+      "forward",
+      "",
+      0,
+      ("block_q", "block_k", "stages"),
+      [(64, 64, 2), (64, 64, 3), (64, 64, 4), (64, 128, 2), (64, 128, 3)],
+    ),
+    ("dK/dV", "_dkv", 1, ("block_q", "block_k", "stages"), [(64, 64, 2), (64, 64, 3), (128, 64, 2)]),
+    ("dQ", "_dq", 1, ("block_q", "block_k", "stages"), [(64, 64, 2), (64, 64, 3), (64, 128, 2)]),
+  ],
+}
 
 
-def sweep(base: pallas_triton.BlockSizes, input_sets) -> pallas_triton.BlockSizes:
+def sweep(family: str, base, input_sets):
   """Times each kernel's candidates with the other kernels at ``base``; returns the best mix."""
   slopes = alibi_slopes(HEADS)
-  kernels = [
-    ("forward", "", FORWARD_CANDIDATES, 0),
-    ("dK/dV", "_dkv", DKDV_CANDIDATES, 1),
-    ("dQ", "_dq", DQ_CANDIDATES, 1),
-  ]
   best = {}
-  for kernel, suffix, candidates, which in kernels:
-    print(f"\nsweep {kernel}: block_q, block_k, num_warps, num_stages -> {('fwd', 'fwd+bwd')[which]} ms", flush=True)
+  for kernel, suffix, which, names, candidates in SWEEPS[family]:
+    print(f"\nsweep {family} {kernel}: {', '.join(names)} -> {('fwd', 'fwd+bwd')[which]} ms", flush=True)
     results = []
-    for bq, bk, warps, stages in candidates:
-      fields = {
-        f"block_q{suffix}": bq,
-        f"block_k{suffix}": bk,
-        f"num_warps{suffix}": warps,
-        f"num_stages{suffix}": stages,
-      }
+    for values in candidates:
+      fields = {f"{name}{suffix}": value for name, value in zip(names, values)}
+      label = " ".join(f"{value:4d}" for value in values)
       try:
         sizes = dataclasses.replace(base, **fields)
-        attend = functools.partial(pallas_triton.flash_attention, slopes=slopes, block_sizes=sizes)
+        attend = functools.partial(KERNELS[family].flash_attention, slopes=slopes, block_sizes=sizes)
         seconds = median_seconds(forward_and_backward(attend)[which], input_sets)
       except Exception as e:  # a tiling can exceed shared memory or registers: report, go on
-        print(f"  {bq:4d} {bk:4d} {warps:2d} {stages:2d}  failed: {str(e).splitlines()[0][:100]}", flush=True)
+        print(f"  {label}  failed: {str(e).splitlines()[0][:100]}", flush=True)
         continue
       results.append((seconds, fields))
-      print(f"  {bq:4d} {bk:4d} {warps:2d} {stages:2d}  {seconds * 1e3:.3f}", flush=True)
+      print(f"  {label}  {seconds * 1e3:.3f}", flush=True)
     seconds, best[kernel] = min(results, key=lambda r: r[0])
     print(f"best {kernel}: {best[kernel]} ({seconds * 1e3:.3f} ms)", flush=True)
   return dataclasses.replace(base, **{k: v for fields in best.values() for k, v in fields.items()})
@@ -181,23 +219,42 @@ def sweep(base: pallas_triton.BlockSizes, input_sets) -> pallas_triton.BlockSize
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--sweep", action="store_true", help="time candidate BlockSizes and use the best")
+  parser.add_argument("--sweep", choices=tuple(KERNELS), help="time candidate BlockSizes of this kernel family")
+  parser.add_argument("--profile_dir", type=pathlib.Path, help="also trace each of our kernels' forward+backward here")
   args = parser.parse_args()
   device = jax.devices()[0]
   if device.platform != "gpu":
     raise SystemExit(f"this benchmark needs a GPU; found {device}")
-  block_sizes = pallas_triton.BlockSizes()
+  families = [f for f in KERNELS if f != "mosaic_gpu" or pallas_mosaic_gpu.on_hopper()]
   print(
     f"device: {device.device_kind}, jax {jax.__version__}, shape B={BATCH} T={SEQ} N={HEADS} H={HEAD_DIM} bf16 causal",
     flush=True,
   )
   input_sets = make_inputs(0)
-  check(block_sizes, input_sets[0])
-  if args.sweep:
-    block_sizes = sweep(block_sizes, input_sets)
-    check(block_sizes, input_sets[0])
-  print(f"block sizes: {block_sizes}", flush=True)
+  block_sizes = {family: KERNELS[family].BlockSizes() for family in families}
+  for family in families:
+    check(family, block_sizes[family], input_sets[0])
+  if args.sweep in block_sizes:
+    block_sizes[args.sweep] = sweep(args.sweep, block_sizes[args.sweep], input_sets)
+    check(args.sweep, block_sizes[args.sweep], input_sets[0])
+  for family, sizes in block_sizes.items():
+    print(f"block sizes ({family}): {sizes}", flush=True)
   table(block_sizes, input_sets)
+  if args.profile_dir:
+    profile(block_sizes, input_sets, args.profile_dir)
+
+
+def profile(block_sizes, input_sets, log_dir: pathlib.Path) -> None:
+  """A jax.profiler trace of a few forward+backward calls of each of our kernel families, one folder each."""
+  for name, attend in implementations(block_sizes).items():
+    if not name.startswith("ours") or "packed" in name:
+      continue
+    _, both = forward_and_backward(attend)
+    median_seconds(both, input_sets[:1])  # compiled and warm
+    with jax.profiler.trace(str(log_dir / name.split("(")[1].rstrip(")"))):
+      for inputs in input_sets:
+        jax.block_until_ready(both(*inputs))
+    print(f"trace of {name}: {log_dir}", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
   python benchmarks/generate.py                  # MPT-1B bf16, batch 1 16 64, 32-token prompts, 256 new tokens
   python benchmarks/generate.py --batch_sizes 1 --new_tokens 512
   python benchmarks/generate.py --tiny           # a CPU smoke test of the same path
+  python benchmarks/generate.py --batch_sizes 1 --profile_dir /tmp/decode  # and a jax.profiler trace
 
 Both implementations decode greedily from random bfloat16 weights, with no EOS, so every row
 gets all its new tokens. Per batch size each is timed on calls with max_new_tokens=1 (prefill
@@ -46,6 +47,7 @@ class Args:
   transformers: bool = True  # also time transformers' MptForCausalLM.generate
   tiny: bool = False  # a toy MPT on whatever device there is (CPU smoke test)
   budget_s: int = 170  # rows not started within this many seconds are skipped
+  profile_dir: str | None = None  # also trace one of our N-token calls per batch size (jax.profiler) here
 
 
 def _configs(tiny: bool):
@@ -108,6 +110,11 @@ def _measure_ours(generator, batch: int, args: Args) -> dict:
   out = run(args.new_tokens)  # compiles the loop both timings use
   compile_s = time.perf_counter() - start
   assert all(len(row) == args.new_tokens for row in out)
+  if args.profile_dir:
+    import jax
+
+    with jax.profiler.trace(str(pathlib.Path(args.profile_dir) / f"batch{batch}")):
+      run(args.new_tokens)
   return dict(
     compile_s=compile_s,
     t1=_median_time(lambda: run(1), args.repeats),

@@ -51,7 +51,8 @@ Layers = Literal["unrolled", "scan", "loop"]
 class Args:
   batch_sizes: tuple[int, ...] = (8,)  # rows per GPU per step (no accumulation)
   remat: tuple[Literal["none", "full", "save_dots"], ...] = ("none",)
-  attn: tuple[Literal["xla", "cudnn", "pallas"], ...] | None = None  # None: pallas (xla with --tiny)
+  # None: pallas, the best Pallas kernel for the GPU (xla with --tiny)
+  attn: tuple[Literal["xla", "cudnn", "pallas", "pallas_mosaic_gpu", "pallas_triton"], ...] | None = None
   layers: tuple[Layers, ...] = ("unrolled",)  # scan unrolled over all blocks, scan of one block, Python loop
   ablation: bool = False  # also every variant of benchmarks/ablations.py at the first configuration (first batch size)
   variants: tuple[str, ...] = ()  # only these variants (names in benchmarks/ablations.py), without --ablation
@@ -289,7 +290,7 @@ def _table(rows: list[dict]) -> str:
     None,
   )
   header = (
-    f"{'step':>5} {'GPUs':>4} {'batch':>5} {'remat':>9} {'attn':>6} {'layers':>8} {'variant':>16} "
+    f"{'step':>5} {'GPUs':>4} {'batch':>5} {'remat':>9} {'attn':>17} {'layers':>8} {'variant':>16} "
     f"{'tok/s/GPU':>10} {'MFU':>6} {'step ms':>8} {'vs base':>8} {'peak GiB':>8} {'compile s':>9}  status"
   )
   lines = [header]
@@ -308,7 +309,7 @@ def _table(rows: list[dict]) -> str:
     else:
       numbers = f"{'-':>10} {'-':>6} {'-':>8} {'-':>8} {'-':>8} {'-':>9}"
     lines.append(
-      f"{r['step']:>5} {r['devices']:>4} {r['batch_size']:>5} {r['remat']:>9} {r['attn']:>6} {r['layers']:>8} "
+      f"{r['step']:>5} {r['devices']:>4} {r['batch_size']:>5} {r['remat']:>9} {r['attn']:>17} {r['layers']:>8} "
       f"{r['variant']:>16} {numbers}  {r['status']}"
     )
   return "\n".join(lines)

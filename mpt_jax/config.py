@@ -22,7 +22,7 @@ Layout = Literal["mosaic_gpt", "mpt"]
 INIT_FNS = ("kaiming_normal_", "normal_")
 NONLINEARITIES = ("relu", "leaky_relu", "linear")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTN_IMPLS = ("auto", "xla", "pallas", "pallas_tpu", "cudnn")
+ATTN_IMPLS = ("auto", "xla", "pallas", "pallas_mosaic_gpu", "pallas_triton", "pallas_tpu", "cudnn")
 NORM_IMPLS = ("auto", "xla", "pallas")
 REMAT_POLICIES = ("none", "full", "save_dots")
 
@@ -60,7 +60,9 @@ class MPTConfig:
   # How to run it (not part of the PyTorch config): RUNTIME_FIELDS below.
   dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # compute dtype
   param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # stored parameters
-  attn_impl: Literal["auto", "xla", "pallas", "pallas_tpu", "cudnn"] = "auto"  # see mpt_jax.attention
+  attn_impl: Literal["auto", "xla", "pallas", "pallas_mosaic_gpu", "pallas_triton", "pallas_tpu", "cudnn"] = (
+    "auto"  # see mpt_jax.attention
+  )
   norm_impl: Literal["auto", "xla", "pallas"] = "auto"  # LayerNorm (mpt_jax.ops): Pallas kernels on GPUs by default
   scan_layers: bool = True  # stack the blocks and lax.scan over them (compile time flat in depth)
   scan_unroll: int = 1  # blocks per scan iteration; n_layers: straight-line code (faster on GPU, compiles longer)

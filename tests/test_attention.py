@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mpt_jax.alibi import alibi_slopes
-from mpt_jax.attention import dot_product_attention, pallas_tpu, pallas_triton, reference
+from mpt_jax.attention import dot_product_attention, pallas_mosaic_gpu, pallas_tpu, pallas_triton, reference
 
 INTERPRET = jax.default_backend() != "gpu"
 # Forward and backward blocks all differ, so a swapped block size shows as a wrong answer.
@@ -169,7 +169,11 @@ def test_sharded_matches_unsharded():
 
 
 # Each flash kernel with a head_dim its tiles do not take.
-KERNELS = {"pallas_triton": (pallas_triton.flash_attention, 48), "pallas_tpu": (pallas_tpu.flash_attention, 384)}
+KERNELS = {
+  "pallas_triton": (pallas_triton.flash_attention, 48),
+  "pallas_mosaic_gpu": (pallas_mosaic_gpu.flash_attention, 96),
+  "pallas_tpu": (pallas_tpu.flash_attention, 384),
+}
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

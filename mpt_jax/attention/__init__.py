@@ -4,8 +4,12 @@
   xla    plain XLA (reference.py), the ground truth; runs anywhere.
   cudnn  jax.nn.dot_product_attention with ALiBi materialized as a [N, T, S] bias: a GPU
          baseline, not a fast path (it reads the bias and computes its gradient).
-  pallas flash attention with in-kernel ALiBi (pallas_triton.py), T == S only; without a GPU
-         the same kernels run in the Pallas interpreter (tests).
+  pallas the best Pallas flash attention (in-kernel ALiBi, T == S only) for this GPU:
+         pallas_mosaic_gpu on Hopper for the inputs it takes, pallas_triton otherwise.
+  pallas_mosaic_gpu  Hopper kernels (pallas_mosaic_gpu.py: TMA, wgmma, warp-specialised);
+         bf16/f16, head_dim 64 or 128; they run only on an H100/H200.
+  pallas_triton  the Triton-backend kernels (pallas_triton.py): A100 and H100, any float
+         dtype, power-of-two head_dim; without a GPU they run in the Pallas interpreter (tests).
   pallas_tpu  the same flash attention for TPUs (pallas_tpu.py, Mosaic), T == S only; without a
          TPU the kernels run in the Pallas TPU interpreter (tests).
   auto   pallas on GPU, pallas_tpu on TPU, for the shapes they support (T == S; on GPU a
@@ -26,9 +30,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from mpt_jax.attention import decode, masks, pallas_tpu, pallas_triton, reference
+from mpt_jax.attention import decode, masks, pallas_mosaic_gpu, pallas_tpu, pallas_triton, reference
 
-IMPLS = ("auto", "xla", "cudnn", "pallas", "pallas_tpu")
+IMPLS = ("auto", "xla", "cudnn", "pallas", "pallas_mosaic_gpu", "pallas_triton", "pallas_tpu")
 
 
 class MeshAxes(NamedTuple):
@@ -66,8 +70,11 @@ def dot_product_attention(
   if impl == "cudnn":
     return _cudnn_attention(q, k, v, slopes=slopes, segment_ids=segment_ids, causal=causal, scale=scale)
   if impl == "pallas":
-    return _pallas_attention(q, k, v, slopes=slopes, segment_ids=segment_ids, causal=causal, scale=scale, axes=axes)
-  if impl == "pallas_tpu":
+    impl = (
+      "pallas_mosaic_gpu" if pallas_mosaic_gpu.on_hopper() and pallas_mosaic_gpu.supports(q, k) else "pallas_triton"
+    )
+  if impl in _KERNELS:
+    flash, platform = _KERNELS[impl]
     return _pallas_attention(
       q,
       k,
@@ -77,10 +84,18 @@ def dot_product_attention(
       causal=causal,
       scale=scale,
       axes=axes,
-      flash=pallas_tpu.flash_attention,
-      platform="tpu",
+      flash=flash,
+      platform=platform,
     )
   raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
+
+
+# Pallas kernels by impl name: (flash_attention, the platform they compile for).
+_KERNELS = {
+  "pallas_mosaic_gpu": (pallas_mosaic_gpu.flash_attention, "gpu"),
+  "pallas_triton": (pallas_triton.flash_attention, "gpu"),
+  "pallas_tpu": (pallas_tpu.flash_attention, "tpu"),
+}
 
 
 def _auto_impl(q, k):
@@ -109,9 +124,7 @@ def _cudnn_attention(q, k, v, *, slopes, segment_ids, causal, scale):
   )
 
 
-def _pallas_attention(
-  q, k, v, *, slopes, segment_ids, causal, scale, axes: MeshAxes, flash=pallas_triton.flash_attention, platform="gpu"
-):
+def _pallas_attention(q, k, v, *, slopes, segment_ids, causal, scale, axes: MeshAxes, flash, platform):
   """The Pallas kernels (``flash``, compiled for ``platform``, interpreted elsewhere); under a
   mesh, inside shard_map over batch and heads.
 

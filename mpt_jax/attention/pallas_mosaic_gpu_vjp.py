@@ -1,0 +1,317 @@
+"""Backward of the Mosaic GPU ALiBi flash attention: a dQ kernel and a dK/dV kernel (Hopper).
+
+FlashAttention-2's backward (arXiv:2307.08691, Algorithm 2) split in two kernels so that no
+two programs write the same rows: the dQ kernel holds query blocks and streams keys and
+values, the dK/dV kernel holds key blocks and streams queries, output gradients, logsumexps
+and ``delta = rowsum(dO * O)``. Both recompute the probabilities from the forward's
+logsumexp; the dK/dV kernel works on transposed tiles (keys along the rows), so its wgmma
+operands need no transposes in registers. Structure and tiles as in pallas_mosaic_gpu.py.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from mpt_jax.attention import pallas_mosaic_gpu_tiles as tiles
+from mpt_jax.attention import pallas_tiles
+
+
+def backward(q, k, v, slopes, segment_ids, out, lse, d_out, *, causal, scale, block_sizes):
+  """(dq, dk, dv) of padded inputs; ``lse`` [B, N, T] in log2 units with the ALiBi query term."""
+  delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), d_out.astype(jnp.float32))
+  statics = dict(causal=causal, scale=scale)
+  operands = (q, k, v, d_out, lse, delta, slopes)
+  dq = _dq(
+    *operands,
+    segment_ids,
+    block_q=block_sizes.block_q_dq,
+    block_k=block_sizes.block_k_dq,
+    stages=block_sizes.stages_dq,
+    **statics,
+  )
+  dk, dv = _dkv(
+    *operands,
+    segment_ids,
+    block_q=block_sizes.block_q_dkv,
+    block_k=block_sizes.block_k_dkv,
+    stages=block_sizes.stages_dkv,
+    **statics,
+  )
+  return dq, dk, dv
+
+
+def _launch(kernel, out_type, scratch_types, *, programs, name: str):
+  """plgpu.kernel over (heads, programs, batch) with the consumers and the producer."""
+  return plgpu.kernel(
+    kernel,
+    out_type=out_type,
+    scratch_types=scratch_types,
+    grid=programs,
+    grid_names=("heads", "programs", "batch"),
+    num_threads=tiles.COMPUTE_WARPGROUPS + 1,
+    thread_name=tiles.WARPGROUP_AXIS,
+    compiler_params=tiles.compiler_params(),
+    kernel_name=name,
+  )
+
+
+def _dq(q, k, v, d_out, lse, delta, slopes, segment_ids, *, block_q, block_k, stages, causal, scale):
+  batch, seq_len, heads, head_dim = q.shape
+  program_rows = tiles.COMPUTE_WARPGROUPS * block_q
+  stages = min(stages, seq_len // block_k)
+  segments = segment_ids is not None
+  segment_operands = ()
+  if segments:
+    k_range, _ = pallas_tiles.segment_block_ranges(segment_ids, block_q=program_rows, block_k=block_k)
+    segment_operands = (segment_ids, *k_range)
+  stream_tiles = [tiles.matrix_buffer((stages, block_k, head_dim), q.dtype)] * 2
+  if segments:
+    stream_tiles.append(plgpu.SMEM((stages, block_k), jnp.int32))
+  wgs = tiles.COMPUTE_WARPGROUPS
+  query_buffers = (
+    tiles.matrix_buffer((wgs, block_q, head_dim), q.dtype),  # q, then dq
+    tiles.matrix_buffer((wgs, block_q, head_dim), q.dtype),  # d_out
+    plgpu.SMEM((wgs, block_q), jnp.float32),  # lse
+    plgpu.SMEM((wgs, block_q), jnp.float32),  # delta
+    plgpu.SMEM((wgs, block_q), jnp.int32) if segments else None,
+  )
+  kernel = functools.partial(_dq_kernel, segments=segments, causal=causal, scale=scale, block_k=block_k)
+  return _launch(
+    kernel,
+    jax.ShapeDtypeStruct(q.shape, q.dtype),
+    [query_buffers, tiles.held_barriers(5), tiles.Stream.scratch(stream_tiles)],
+    programs=(heads, seq_len // program_rows, batch),
+    name="alibi_flash_dq_mosaic_gpu",
+  )(q, k, v, d_out, lse, delta, slopes, *segment_operands)
+
+
+def _dq_kernel(*refs, segments: bool, causal: bool, scale: float, block_k: int):
+  """One program: COMPUTE_WARPGROUPS query blocks; dQ = scale * dS @ K over the key steps."""
+  q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, slopes_ref, *refs = refs
+  segment_ids_ref = k_lo_ref = k_hi_ref = None
+  if segments:
+    segment_ids_ref, k_lo_ref, k_hi_ref, *refs = refs
+  dq_ref, query_buffers, q_loaded, stream_scratch = refs
+  batch, head = lax.axis_index("batch"), lax.axis_index("heads")
+  warpgroup = lax.axis_index(tiles.WARPGROUP_AXIS)
+  q_buffers, d_out_buffers, lse_buffers, delta_buffers, q_segment_buffers = query_buffers
+  stream = tiles.Stream(*stream_scratch)
+  block_q, head_dim = q_buffers.shape[1:]
+  program_start, lo, hi = tiles.query_program(
+    block_q=block_q,
+    block_k=block_k,
+    seq_len=k_ref.shape[1],
+    causal=causal,
+    segment_ranges=(k_lo_ref, k_hi_ref) if segments else None,
+    batch=batch,
+  )
+  stream.produce(
+    warpgroup, tiles.key_sources(k_ref, v_ref, segment_ids_ref, batch=batch, head=head, block_k=block_k), lo, hi
+  )
+
+  @pl.when(warpgroup < tiles.COMPUTE_WARPGROUPS)
+  def _consumer():
+    plgpu.set_max_registers(tiles.CONSUMER_REGISTERS, action="increase")
+    q_start = program_start + warpgroup * block_q
+    queries = (batch, pl.ds(q_start, block_q), head)
+    vectors = (batch, head, pl.ds(q_start, block_q))
+    q_smem, d_out_smem = q_buffers.at[warpgroup], d_out_buffers.at[warpgroup]
+    copies = [
+      (q_ref.at[queries], q_smem),
+      (d_out_ref.at[queries], d_out_smem),
+      (lse_ref.at[vectors], lse_buffers.at[warpgroup]),
+      (delta_ref.at[vectors], delta_buffers.at[warpgroup]),
+    ]
+    if segments:
+      copies.append((segment_ids_ref.at[batch, pl.ds(q_start, block_q)], q_segment_buffers.at[warpgroup]))
+    tiles.copy_in(copies, q_loaded, warpgroup)
+    q_segment = tiles.load_vector(q_segment_buffers.at[warpgroup], tiles.ROWS) if segments else None
+    q_pos = tiles.positions(q_start, block_q, tiles.ROWS)
+    origin = q_start.astype(jnp.float32)
+    slope = slopes_ref[head]
+    # p = exp2(s - lse): the scores lack the ALiBi query term, so it leaves the logsumexp too.
+    lse = tiles.load_vector(lse_buffers.at[warpgroup], tiles.ROWS)
+    row_offset = lse - tiles.alibi_query_term(slope, q_pos, origin, causal=causal)
+    delta = tiles.load_vector(delta_buffers.at[warpgroup], tiles.ROWS)
+
+    def visit(step, dq, *, masked: bool):
+      slot = stream.slot(step, lo)
+      k_smem, v_smem = stream.slots[0].at[slot], stream.slots[1].at[slot]
+      stream.wait(0, slot)
+      qk = tiles.matmul(q_smem, tiles.transposed(k_smem), shape=(block_q, block_k))
+      k_segment = None
+      if segments:
+        stream.wait(2, slot)
+        k_segment = tiles.load_vector(stream.slots[2].at[slot], tiles.COLUMNS)
+        stream.release(2, slot)
+      frame = tiles.TileFrame(
+        q_pos, tiles.positions(step * block_k, block_k, tiles.COLUMNS), q_segment, k_segment, slope, origin, True
+      )
+      s = frame.scores(qk, scale=scale, causal=causal, masked=masked)
+      p = jnp.exp2(s - tiles.rows(row_offset, s.shape))
+      stream.wait(1, slot)
+      dp = tiles.matmul(d_out_smem, tiles.transposed(v_smem), shape=(block_q, block_k))
+      stream.release(1, slot)
+      ds = p * (dp - tiles.rows(delta, dp.shape))
+      dq = tiles.accumulate(dq, ds.astype(k_smem.dtype), k_smem)
+      stream.release(0, slot)
+      return dq
+
+    def pass_over(step, dq):
+      stream.pass_step(stream.slot(step, lo))
+      return dq
+
+    split, stop = tiles.query_major_plan(
+      q_start, block_q=block_q, block_k=block_k, lo=lo, hi=hi, causal=causal, segments=segments
+    )
+    dq = tiles.run_plan(
+      [
+        (lo, split, functools.partial(visit, masked=False)),
+        (split, stop, functools.partial(visit, masked=True)),
+        (stop, hi, pass_over),
+      ],
+      tiles.zeros((block_q, head_dim)),
+    )
+    q_smem[...] = (dq * scale).astype(q_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[queries])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _dkv(q, k, v, d_out, lse, delta, slopes, segment_ids, *, block_q, block_k, stages, causal, scale):
+  batch, seq_len, heads, head_dim = q.shape
+  program_rows = tiles.COMPUTE_WARPGROUPS * block_k
+  stages = min(stages, seq_len // block_q)
+  segments = segment_ids is not None
+  segment_operands = ()
+  if segments:
+    _, q_range = pallas_tiles.segment_block_ranges(segment_ids, block_q=block_q, block_k=program_rows)
+    segment_operands = (segment_ids, *q_range)
+  stream_tiles = [
+    tiles.matrix_buffer((stages, block_q, head_dim), q.dtype),  # q
+    tiles.matrix_buffer((stages, block_q, head_dim), q.dtype),  # d_out
+    plgpu.SMEM((stages, block_q), jnp.float32),  # lse
+    plgpu.SMEM((stages, block_q), jnp.float32),  # delta
+  ]
+  if segments:
+    stream_tiles.append(plgpu.SMEM((stages, block_q), jnp.int32))
+  wgs = tiles.COMPUTE_WARPGROUPS
+  key_buffers = (
+    tiles.matrix_buffer((wgs, block_k, head_dim), q.dtype),  # k, then dk
+    tiles.matrix_buffer((wgs, block_k, head_dim), q.dtype),  # v, then dv
+    plgpu.SMEM((wgs, block_k), jnp.int32) if segments else None,
+  )
+  kernel = functools.partial(_dkv_kernel, segments=segments, causal=causal, scale=scale, block_q=block_q)
+  return _launch(
+    kernel,
+    [jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2,
+    [key_buffers, tiles.held_barriers(3), tiles.Stream.scratch(stream_tiles)],
+    programs=(heads, seq_len // program_rows, batch),
+    name="alibi_flash_dkv_mosaic_gpu",
+  )(q, k, v, d_out, lse, delta, slopes, *segment_operands)
+
+
+def _dkv_kernel(*refs, segments: bool, causal: bool, scale: float, block_q: int):
+  """One program: COMPUTE_WARPGROUPS key blocks; dV = P^T dO and dK = scale * dS^T Q over the query steps."""
+  q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, slopes_ref, *refs = refs
+  segment_ids_ref = q_lo_ref = q_hi_ref = None
+  if segments:
+    segment_ids_ref, q_lo_ref, q_hi_ref, *refs = refs
+  dk_ref, dv_ref, key_buffers, k_loaded, stream_scratch = refs
+  batch, head = lax.axis_index("batch"), lax.axis_index("heads")
+  warpgroup = lax.axis_index(tiles.WARPGROUP_AXIS)
+  k_buffers, v_buffers, k_segment_buffers = key_buffers
+  stream = tiles.Stream(*stream_scratch)
+  block_k, head_dim = k_buffers.shape[1:]
+  seq_len = q_ref.shape[1]
+  program_start, lo, hi = tiles.key_program(
+    block_q=block_q,
+    block_k=block_k,
+    seq_len=seq_len,
+    causal=causal,
+    segment_ranges=(q_lo_ref, q_hi_ref) if segments else None,
+    batch=batch,
+  )
+
+  def sources(step):
+    queries = (batch, pl.ds(step * block_q, block_q), head)
+    vectors = (batch, head, pl.ds(step * block_q, block_q))
+    query_tiles = [q_ref.at[queries], d_out_ref.at[queries], lse_ref.at[vectors], delta_ref.at[vectors]]
+    if segments:
+      query_tiles.append(segment_ids_ref.at[batch, pl.ds(step * block_q, block_q)])
+    return query_tiles
+
+  stream.produce(warpgroup, sources, lo, hi)
+
+  @pl.when(warpgroup < tiles.COMPUTE_WARPGROUPS)
+  def _consumer():
+    plgpu.set_max_registers(tiles.CONSUMER_REGISTERS, action="increase")
+    k_start = program_start + warpgroup * block_k
+    keys = (batch, pl.ds(k_start, block_k), head)
+    k_smem, v_smem = k_buffers.at[warpgroup], v_buffers.at[warpgroup]
+    copies = [(k_ref.at[keys], k_smem), (v_ref.at[keys], v_smem)]
+    if segments:
+      copies.append((segment_ids_ref.at[batch, pl.ds(k_start, block_k)], k_segment_buffers.at[warpgroup]))
+    tiles.copy_in(copies, k_loaded, warpgroup)
+    k_segment = tiles.load_vector(k_segment_buffers.at[warpgroup], tiles.ROWS) if segments else None
+    k_pos = tiles.positions(k_start, block_k, tiles.ROWS)
+    origin = k_start.astype(jnp.float32)
+    slope = slopes_ref[head]
+    q_tile, d_out_tile, lse_vector, delta_vector, segment_vector = range(5)
+
+    def visit(step, carry, *, masked: bool):
+      dk, dv = carry
+      slot = stream.slot(step, lo)
+      q_smem, d_out_smem = stream.slots[q_tile].at[slot], stream.slots[d_out_tile].at[slot]
+      stream.wait(q_tile, slot)
+      qk_t = tiles.matmul(k_smem, tiles.transposed(q_smem), shape=(block_k, block_q))
+      q_pos = tiles.positions(step * block_q, block_q, tiles.COLUMNS)
+      q_segment = None
+      if segments:
+        stream.wait(segment_vector, slot)
+        q_segment = tiles.load_vector(stream.slots[segment_vector].at[slot], tiles.COLUMNS)
+        stream.release(segment_vector, slot)
+      frame = tiles.TileFrame(k_pos, q_pos, k_segment, q_segment, slope, origin, False)
+      s_t = frame.scores(qk_t, scale=scale, causal=causal, masked=masked)
+      stream.wait(lse_vector, slot)
+      lse = tiles.load_vector(stream.slots[lse_vector].at[slot], tiles.COLUMNS)
+      stream.release(lse_vector, slot)
+      column_offset = lse - tiles.alibi_query_term(slope, q_pos, origin, causal=causal)
+      p_t = jnp.exp2(s_t - tiles.columns(column_offset, s_t.shape))
+      stream.wait(d_out_tile, slot)
+      dv = tiles.accumulate(dv, p_t.astype(q_smem.dtype), d_out_smem)
+      dp_t = tiles.matmul(v_smem, tiles.transposed(d_out_smem), shape=(block_k, block_q))
+      stream.release(d_out_tile, slot)
+      stream.wait(delta_vector, slot)
+      delta = tiles.load_vector(stream.slots[delta_vector].at[slot], tiles.COLUMNS)
+      stream.release(delta_vector, slot)
+      ds_t = p_t * (dp_t - tiles.columns(delta, dp_t.shape))
+      dk = tiles.accumulate(dk, ds_t.astype(q_smem.dtype), q_smem)
+      stream.release(q_tile, slot)
+      return dk, dv
+
+    def pass_over(step, carry):
+      stream.pass_step(stream.slot(step, lo))
+      return carry
+
+    first, split = tiles.key_major_plan(
+      k_start, block_q=block_q, block_k=block_k, lo=lo, hi=hi, causal=causal, segments=segments
+    )
+    dk, dv = tiles.run_plan(
+      [
+        (lo, first, pass_over),
+        (first, split, functools.partial(visit, masked=True)),
+        (split, hi, functools.partial(visit, masked=False)),
+      ],
+      (tiles.zeros((block_k, head_dim)), tiles.zeros((block_k, head_dim))),
+    )
+    k_smem[...] = (dk * scale).astype(k_smem.dtype)
+    v_smem[...] = dv.astype(v_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[keys])
+    plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[keys])
+    plgpu.wait_smem_to_gmem(0)

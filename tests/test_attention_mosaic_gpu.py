@@ -1,0 +1,168 @@
+"""The Hopper attention kernels (attention/pallas_mosaic_gpu.py) against the float32 reference.
+
+On an H100/H200 (``pytest tests/test_attention_mosaic_gpu.py`` there) the kernels run; elsewhere
+those tests skip, because jax's Mosaic GPU interpreter cannot run them (the reason is in
+``pallas_mosaic_gpu.flash_attention``'s docstring). What a CPU can check, it does: every
+configuration's forward and backward traces, ``impl="pallas"`` picks these kernels on Hopper,
+and they refuse what they cannot take.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mpt_jax import attention
+from mpt_jax.alibi import alibi_slopes
+from mpt_jax.attention import dot_product_attention, pallas_mosaic_gpu, reference
+
+ON_HOPPER = pallas_mosaic_gpu.on_hopper()
+hopper_only = pytest.mark.skipif(
+  not ON_HOPPER, reason="needs an H100/H200: jax's Mosaic GPU interpreter cannot run these kernels"
+)
+# Relative L2 error bounds for bf16 inputs (tests/test_attention.py): output, gradients.
+OUT_TOL, GRAD_TOL = 1e-2, 2e-2
+
+# (seq_len, head_dim, causal, segments, scale): lengths that fill whole programs and ragged
+# ones (padded inside), head dims 64 and 128, packed documents, bidirectional, a given scale.
+CASES = [
+  (384, 64, True, None, None),
+  (1000, 128, True, "packed", None),
+  (512, 128, True, "shuffled", None),
+  (300, 128, False, None, 0.3),
+  (200, 64, False, "packed", None),
+]
+
+
+def _case_id(case):
+  seq_len, head_dim, causal, segments, scale = case
+  return f"{seq_len=}-{head_dim=}-{'causal' if causal else 'bidirectional'}-{segments=}-{scale=}"
+
+
+def _inputs(seed, batch, seq_len, heads, head_dim, segments=None):
+  """bf16 q, k, v, d_out and segment ids (None, "packed": sorted, or "shuffled": unsorted)."""
+  keys = jax.random.split(jax.random.key(seed), 5)
+  q, k, v, d_out = (jax.random.normal(key, (batch, seq_len, heads, head_dim), jnp.bfloat16) for key in keys[:4])
+  if segments == "packed":
+    segments = jnp.cumsum(jax.random.bernoulli(keys[4], 0.01, (batch, seq_len)), axis=1, dtype=jnp.int32)
+  elif segments == "shuffled":
+    segments = jax.random.randint(keys[4], (batch, seq_len), 0, 3)
+  return q, k, v, d_out, segments
+
+
+def _rel_err(actual, expected):
+  actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+  return np.linalg.norm(actual - expected) / np.linalg.norm(expected)
+
+
+def _out_and_grads(attend, q, k, v, d_out):
+  out, vjp = jax.vjp(attend, q, k, v)
+  return out, vjp(d_out)
+
+
+def _reference(**kwargs):
+  def attend(q, k, v):
+    return reference.attention(q, k, v, precision=jax.lax.Precision.HIGHEST, **kwargs)
+
+  return attend
+
+
+@hopper_only
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_matches_reference(case):
+  seq_len, head_dim, causal, segments, scale = case
+  heads = 3
+  q, k, v, d_out, segment_ids = _inputs(seq_len + head_dim, 2, seq_len, heads, head_dim, segments)
+  kwargs = dict(slopes=alibi_slopes(heads), segment_ids=segment_ids, causal=causal, scale=scale)
+  out, grads = _out_and_grads(functools.partial(pallas_mosaic_gpu.flash_attention, **kwargs), q, k, v, d_out)
+  ref_out, ref_grads = _out_and_grads(_reference(**kwargs), *(x.astype(jnp.float32) for x in (q, k, v, d_out)))
+  assert out.dtype == jnp.bfloat16 and out.shape == q.shape
+  assert _rel_err(out, ref_out) < OUT_TOL
+  for name, grad, ref_grad in zip(("dq", "dk", "dv"), grads, ref_grads):
+    assert grad.dtype == jnp.bfloat16, name
+    assert _rel_err(grad, ref_grad) < GRAD_TOL, name
+
+
+@hopper_only
+def test_causal_never_loads_keys_past_the_diagonal():
+  """NaN keys and values past the first 256 positions reach no earlier query.
+
+  256 is a whole number of programs and tiles in every kernel: a kernel that loaded those
+  tiles and masked them would still multiply the NaN values by zero.
+  """
+  seen, heads = 256, 2
+  q, k, v, d_out, _ = _inputs(7, 2, 512, heads, 128)
+  k, v = (x.at[:, seen:].set(jnp.nan) for x in (k, v))
+  kwargs = dict(slopes=alibi_slopes(heads), causal=True)
+  out, (dq, _, _) = _out_and_grads(functools.partial(pallas_mosaic_gpu.flash_attention, **kwargs), q, k, v, d_out)
+  prefix = (x[:, :seen].astype(jnp.float32) for x in (q, k, v, d_out))
+  ref_out, (ref_dq, _, _) = _out_and_grads(_reference(**kwargs), *prefix)
+  assert _rel_err(out[:, :seen], ref_out) < OUT_TOL
+  assert _rel_err(dq[:, :seen], ref_dq) < GRAD_TOL
+
+
+@hopper_only
+@pytest.mark.parametrize("poisoned", [0, 1])
+def test_packed_documents_never_load_each_other(poisoned):
+  """Two 256-token documents per row; NaN in one leaves the other's output and gradients right.
+
+  Document 0 poisoned tests the skipping of key tiles (forward, dQ), document 1 that of
+  query tiles (dK/dV).
+  """
+  doc, heads = 256, 2
+  q, k, v, d_out, _ = _inputs(13, 2, 2 * doc, heads, 128)
+  segment_ids = jnp.repeat(jnp.arange(2, dtype=jnp.int32), doc)[None].repeat(2, axis=0)
+  bad, good = slice(poisoned * doc, (poisoned + 1) * doc), slice((1 - poisoned) * doc, (2 - poisoned) * doc)
+  q, k, v = (x.at[:, bad].set(jnp.nan) for x in (q, k, v))
+  kwargs = dict(slopes=alibi_slopes(heads), segment_ids=segment_ids)
+  out, grads = _out_and_grads(functools.partial(pallas_mosaic_gpu.flash_attention, **kwargs), q, k, v, d_out)
+  good_inputs = (x[:, good].astype(jnp.float32) for x in (q, k, v, d_out))
+  ref_out, ref_grads = _out_and_grads(_reference(slopes=alibi_slopes(heads)), *good_inputs)
+  assert _rel_err(out[:, good], ref_out) < OUT_TOL
+  for name, grad, ref_grad in zip(("dq", "dk", "dv"), grads, ref_grads):
+    assert _rel_err(grad[:, good], ref_grad) < GRAD_TOL, name
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("segments", [None, "packed"])
+@pytest.mark.parametrize("seq_len", [256, 300])
+def test_every_configuration_traces(causal, segments, seq_len):
+  """Forward and backward kernels build (shapes, layouts, loop plans) without a GPU."""
+  q, k, v, d_out, segment_ids = _inputs(0, 1, seq_len, 2, 64, segments)
+  attend = functools.partial(
+    pallas_mosaic_gpu.flash_attention, slopes=alibi_slopes(2), segment_ids=segment_ids, causal=causal
+  )
+  grads = jax.eval_shape(lambda q, k, v: _out_and_grads(attend, q, k, v, d_out), q, k, v)
+  assert [g.shape for g in grads[1]] == [q.shape] * 3
+  assert all(g.dtype == jnp.bfloat16 for g in jax.tree.leaves(grads))
+
+
+def test_pallas_picks_the_hopper_kernels_on_hopper(monkeypatch):
+  """impl='pallas' means the best Pallas kernel for the GPU: these on Hopper for bf16, Triton otherwise."""
+  called = []
+
+  def kernel(name):
+    return lambda q, k, v, **kwargs: called.append(name) or q
+
+  monkeypatch.setattr(pallas_mosaic_gpu, "on_hopper", lambda: True)
+  for name in ("pallas_mosaic_gpu", "pallas_triton"):
+    monkeypatch.setitem(attention._KERNELS, name, (kernel(name), "gpu"))
+  q = jnp.zeros((1, 128, 2, 64), jnp.bfloat16)
+  dot_product_attention(q, q, q, slopes=alibi_slopes(2), impl="pallas")
+  dot_product_attention(q.astype(jnp.float32), q, q, slopes=alibi_slopes(2), impl="pallas")
+  monkeypatch.setattr(pallas_mosaic_gpu, "on_hopper", lambda: False)
+  dot_product_attention(q, q, q, slopes=alibi_slopes(2), impl="pallas")
+  assert called == ["pallas_mosaic_gpu", "pallas_triton", "pallas_triton"]
+
+
+def test_refuses_what_it_cannot_take():
+  q = jnp.zeros((1, 128, 2, 64), jnp.float32)
+  with pytest.raises(ValueError, match="pallas_triton"):
+    pallas_mosaic_gpu.flash_attention(q, q, q, slopes=alibi_slopes(2))
+  with pytest.raises(ValueError, match="Hopper"):
+    pallas_mosaic_gpu.flash_attention(*(q.astype(jnp.bfloat16),) * 3, slopes=alibi_slopes(2), interpret=True)
+  for field, value in (("block_q", 96), ("stages_dq", 1)):
+    with pytest.raises(ValueError, match=f"BlockSizes.{field}"):
+      pallas_mosaic_gpu.BlockSizes(**{field: value})
