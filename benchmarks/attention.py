@@ -246,15 +246,14 @@ def main():
 
 def profile(block_sizes, input_sets, log_dir: pathlib.Path) -> None:
   """A jax.profiler trace of a few forward+backward calls of each of our kernel families, one folder each."""
-  for name, attend in implementations(block_sizes).items():
-    if not name.startswith("ours") or "packed" in name:
-      continue
-    _, both = forward_and_backward(attend)
+  attends = implementations(block_sizes)
+  for family in block_sizes:
+    _, both = forward_and_backward(attends[f"ours ({family})"])
     median_seconds(both, input_sets[:1])  # compiled and warm
-    with jax.profiler.trace(str(log_dir / name.split("(")[1].rstrip(")"))):
+    with jax.profiler.trace(str(log_dir / family)):
       for inputs in input_sets:
         jax.block_until_ready(both(*inputs))
-    print(f"trace of {name}: {log_dir}", flush=True)
+    print(f"trace of ours ({family}): {log_dir / family}", flush=True)
 
 
 if __name__ == "__main__":

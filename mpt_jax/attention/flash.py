@@ -4,6 +4,7 @@ The kernels (pallas_triton.py for GPUs, pallas_tpu.py for TPUs) differ in tiling
 layout, not in what they accept or in how their forward and backward passes connect.
 """
 
+import dataclasses
 import functools
 from typing import Callable
 
@@ -61,11 +62,12 @@ def attention_with_vjp(forward: Callable, backward: Callable) -> Callable:
   """A kernel's forward and backward passes as one differentiable ``f(q, k, v, slopes, segment_ids, statics)``.
 
   ``forward(q, k, v, slopes, segment_ids, statics) -> (out, logsumexp)``;
-  ``backward(q, k, v, slopes, segment_ids, out, logsumexp, d_out, statics) -> (dq, dk, dv)``.
+  ``backward(q, k, v, slopes, segment_ids, out, logsumexp, d_out, **statics' fields) -> (dq, dk, dv)``.
   The residuals are the inputs, the output and the logsumexp, from which the backward
   recomputes the probabilities (FlashAttention-2 §3.1.2). ALiBi slopes are constants of the
-  model and segment ids are integers: they get no cotangents. ``statics`` (hashable) holds
-  everything static about a call, passed by name so adding a field cannot shift arguments.
+  model and segment ids are integers: they get no cotangents. ``statics`` (a frozen
+  dataclass) holds everything static about a call; the backward takes its fields as keyword
+  arguments, so adding a field cannot shift arguments.
   """
 
   @functools.partial(jax.custom_vjp, nondiff_argnames=("statics",))
@@ -77,7 +79,8 @@ def attention_with_vjp(forward: Callable, backward: Callable) -> Callable:
     return out, (q, k, v, slopes, segment_ids, out, lse)
 
   def attention_bwd(statics, residuals, d_out):
-    return (*backward(*residuals, d_out, statics), None, None)
+    fields = {field.name: getattr(statics, field.name) for field in dataclasses.fields(statics)}
+    return (*backward(*residuals, d_out, **fields), None, None)
 
   attention.defvjp(attention_fwd, attention_bwd)
   return attention

@@ -146,27 +146,11 @@ def _padded_segments(segment_ids, batch: int, seq_len: int, padded_len: int, *, 
 
 @dataclasses.dataclass(frozen=True)
 class _Statics:
-  """Everything static about one call, passed to the VJP as a single named argument."""
+  """Everything static about one call: the forward takes it whole, the backward its fields by name."""
 
   causal: bool
   scale: float
   block_sizes: BlockSizes
-
-
-def _backward(q, k, v, slopes, segment_ids, out, lse, d_out, statics: _Statics):
-  return pallas_mosaic_gpu_vjp.backward(
-    q,
-    k,
-    v,
-    slopes,
-    segment_ids,
-    out,
-    lse,
-    d_out,
-    causal=statics.causal,
-    scale=statics.scale,
-    block_sizes=statics.block_sizes,
-  )
 
 
 def _forward(q, k, v, slopes, segment_ids, statics: _Statics):
@@ -328,4 +312,4 @@ def _forward_kernel(*refs, segments: bool, causal: bool, scale: float, block_k: 
     plgpu.wait_smem_to_gmem(0)
 
 
-_attention = flash.attention_with_vjp(_forward, _backward)
+_attention = flash.attention_with_vjp(_forward, pallas_mosaic_gpu_vjp.backward)

@@ -150,31 +150,13 @@ def flash_attention(q, k, v, *, slopes, segment_ids=None, causal=True, scale=Non
 
 @dataclasses.dataclass(frozen=True)
 class _Statics:
-  """Everything static about one call, passed to the VJP as a single named argument."""
+  """Everything static about one call: the forward takes it whole, the backward its fields by name."""
 
   causal: bool
   scale: float
   block_sizes: BlockSizes
   seq_len: int  # unpadded
   interpret: bool
-
-
-def _backward(q, k, v, slopes, segment_ids, out, lse, d_out, statics: _Statics):
-  return pallas_tpu_vjp.backward(
-    q,
-    k,
-    v,
-    slopes,
-    segment_ids,
-    out,
-    lse,
-    d_out,
-    causal=statics.causal,
-    scale=statics.scale,
-    block_sizes=statics.block_sizes,
-    seq_len=statics.seq_len,
-    interpret=statics.interpret,
-  )
 
 
 def _forward(q, k, v, slopes, segment_ids, statics: _Statics):
@@ -304,4 +286,4 @@ def _forward_kernel(
     lse_ref[...] = jnp.where(empty, jnp.inf, max_ref[...] + jnp.log(jnp.where(empty, 1.0, row_sum)))
 
 
-_attention = flash.attention_with_vjp(_forward, _backward)
+_attention = flash.attention_with_vjp(_forward, pallas_tpu_vjp.backward)

@@ -122,29 +122,12 @@ def flash_attention(q, k, v, *, slopes, segment_ids=None, causal=True, scale=Non
 
 @dataclasses.dataclass(frozen=True)
 class _Statics:
-  """Everything static about one call, passed to the VJP as a single named argument."""
+  """Everything static about one call: the forward takes it whole, the backward its fields by name."""
 
   causal: bool
   scale: float
   block_sizes: BlockSizes
   interpret: bool
-
-
-def _backward(q, k, v, slopes, segment_ids, out, lse, d_out, statics: _Statics):
-  return pallas_triton_vjp.backward(
-    q,
-    k,
-    v,
-    slopes,
-    segment_ids,
-    out,
-    lse,
-    d_out,
-    causal=statics.causal,
-    scale=statics.scale,
-    block_sizes=statics.block_sizes,
-    interpret=statics.interpret,
-  )
 
 
 def _forward(q, k, v, slopes, segment_ids, statics: _Statics):
@@ -238,4 +221,4 @@ def _forward_kernel(
   lse_ref[...] = row_max + jnp.log2(row_sum) + query_term
 
 
-_attention = flash.attention_with_vjp(_forward, _backward)
+_attention = flash.attention_with_vjp(_forward, pallas_triton_vjp.backward)
