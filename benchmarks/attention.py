@@ -202,7 +202,7 @@ def sweep(family: str, base, input_sets):
     results = []
     for values in candidates:
       fields = {f"{name}{suffix}": value for name, value in zip(names, values)}
-      label = " ".join(f"{value:4d}" for value in values)
+      label = " ".join(f"{value!s:>5}" for value in values)
       try:
         sizes = dataclasses.replace(base, **fields)
         attend = functools.partial(KERNELS[family].flash_attention, slopes=slopes, block_sizes=sizes)

@@ -27,8 +27,11 @@ OUT_TOL, GRAD_TOL = 1e-2, 2e-2
 
 # (seq_len, head_dim, causal, segments, scale): lengths that fill whole programs and ragged
 # ones (padded inside), head dims 64 and 128, packed documents, bidirectional, a given scale.
+# 4096 makes more query blocks (32 x 3 heads x 2 rows) than an H100/H200 has SMs (132), so
+# the persistent forward's programs each loop over several, their ring continuing across.
 CASES = [
   (384, 64, True, None, None),
+  (4096, 64, True, "packed", None),
   (1000, 128, True, "packed", None),
   (512, 128, True, "shuffled", None),
   (300, 128, False, None, 0.3),
@@ -123,6 +126,28 @@ def test_packed_documents_never_load_each_other(poisoned):
   assert _rel_err(out[:, good], ref_out) < OUT_TOL
   for name, grad, ref_grad in zip(("dq", "dk", "dv"), grads, ref_grads):
     assert _rel_err(grad[:, good], ref_grad) < GRAD_TOL, name
+
+
+@hopper_only
+def test_runs_per_device_under_a_mesh():
+  """impl='pallas' under a (data, fsdp, tensor) mesh of the local GPUs runs these kernels in
+  shard_map, each device on its own rows, and equals them run directly."""
+  devices = jax.device_count()
+  batch, heads = 2 * devices, 2
+  q, k, v, d_out, segment_ids = _inputs(17, batch, 256, heads, 128, "packed")
+  slopes = alibi_slopes(heads)
+
+  def out_and_grads(attend):
+    return jax.jit(
+      lambda *args: _out_and_grads(functools.partial(attend, slopes=slopes, segment_ids=segment_ids), *args)
+    )(q, k, v, d_out)
+
+  expected = out_and_grads(pallas_mosaic_gpu.flash_attention)
+  mesh = jax.make_mesh((devices, 1, 1), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  with jax.set_mesh(mesh):
+    actual = out_and_grads(functools.partial(dot_product_attention, impl="pallas"))
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(e, np.float32))
 
 
 @pytest.mark.parametrize("causal", [True, False])

@@ -174,12 +174,17 @@ def _forward(q, k, v, slopes, segment_ids, statics: _Statics):
     plgpu.SMEM((tiles.COMPUTE_WARPGROUPS, block_q), jnp.float32),  # logsumexp
     plgpu.SMEM((tiles.COMPUTE_WARPGROUPS, block_q), jnp.int32) if segments else None,  # query segments
   )
+  # Persistent (FlashAttention-3's tile scheduler): one program per SM loops over query
+  # blocks, so the producer streams the next block's keys while the consumers store the last.
+  num_ctas = min(num_programs * heads * batch, _multiprocessors())
   kernel = functools.partial(
     _forward_kernel,
     segments=segments,
     causal=statics.causal,
     scale=statics.scale,
     block_k=block_k,
+    batch_size=batch,
+    num_ctas=num_ctas,
   )
   out, lse = plgpu.kernel(
     kernel,
@@ -194,8 +199,8 @@ def _forward(q, k, v, slopes, segment_ids, statics: _Statics):
       tiles.Stream.scratch(stream_tiles),
       plgpu.Barrier(num_arrivals=tiles.COMPUTE_WARPGROUPS),  # the consumers' turns on the tensor cores
     ],
-    grid=(heads, num_programs, batch),
-    grid_names=("heads", "programs", "batch"),
+    grid=(num_ctas,),
+    grid_names=("ctas",),
     num_threads=tiles.COMPUTE_WARPGROUPS + 1,
     thread_name=tiles.WARPGROUP_AXIS,
     compiler_params=tiles.compiler_params(),
@@ -204,36 +209,64 @@ def _forward(q, k, v, slopes, segment_ids, statics: _Statics):
   return out, lse
 
 
-def _forward_kernel(*refs, segments: bool, causal: bool, scale: float, block_k: int):
-  """One program: COMPUTE_WARPGROUPS blocks of block_q queries of one (batch row, head), and their producer."""
+def _multiprocessors() -> int:
+  """Streaming multiprocessors of the default GPU (132 on an H100/H200 SXM; also off the GPU)."""
+  return getattr(jax.devices()[0], "core_count", None) or 132
+
+
+def _forward_kernel(*refs, segments: bool, causal: bool, scale: float, block_k: int, batch_size: int, num_ctas: int):
+  """One program: tiles ``cta, cta + num_ctas, ...``, each COMPUTE_WARPGROUPS blocks of block_q
+  queries of one (batch row, head), heaviest query blocks first; and their producer."""
   q_ref, k_ref, v_ref, slopes_ref, *refs = refs
   segment_ids_ref = k_lo_ref = k_hi_ref = None
   if segments:
     segment_ids_ref, k_lo_ref, k_hi_ref, *refs = refs
   out_ref, lse_ref, query_buffers, q_loaded, stream_scratch, turn = refs
-  batch, head = lax.axis_index("batch"), lax.axis_index("heads")
   warpgroup = lax.axis_index(tiles.WARPGROUP_AXIS)
   q_buffers, lse_buffers, q_segment_buffers = query_buffers
   stream = tiles.Stream(*stream_scratch)
   block_q, head_dim = q_buffers.shape[1:]
-  program_start, lo, hi = tiles.query_program(
-    block_q=block_q,
-    block_k=block_k,
-    seq_len=k_ref.shape[1],
-    causal=causal,
-    segment_ranges=(k_lo_ref, k_hi_ref) if segments else None,
-    batch=batch,
-  )
-  stream.produce(
-    warpgroup, tiles.key_sources(k_ref, v_ref, segment_ids_ref, batch=batch, head=head, block_k=block_k), lo, hi
-  )
+  seq_len, heads = k_ref.shape[1:3]
+  num_programs = seq_len // (tiles.COMPUTE_WARPGROUPS * block_q)
+  num_tiles = num_programs * heads * batch_size
+  cta = lax.axis_index("ctas")
+  my_tiles = pl.cdiv(num_tiles - cta, jnp.int32(num_ctas))
 
-  @pl.when(warpgroup < tiles.COMPUTE_WARPGROUPS)
-  def _consumer():
-    plgpu.set_max_registers(tiles.CONSUMER_REGISTERS, action="increase")
-    q_smem = q_buffers.at[warpgroup]
+  def tile(i):
+    """(batch row, head, first query, key steps lo, hi) of this program's i-th tile."""
+    t = cta + i * num_ctas
+    query_block = tiles.heaviest_first(lax.div(t, jnp.int32(heads * batch_size)), num_programs)
+    head_and_row = lax.rem(t, jnp.int32(heads * batch_size))
+    batch, head = lax.rem(head_and_row, jnp.int32(batch_size)), lax.div(head_and_row, jnp.int32(batch_size))
+    start, lo, hi = tiles.query_program(
+      query_block,
+      block_q=block_q,
+      block_k=block_k,
+      seq_len=seq_len,
+      causal=causal,
+      segment_ranges=(k_lo_ref, k_hi_ref) if segments else None,
+      batch=batch,
+    )
+    return batch, head, start, lo, hi
+
+  def produce():
+    def produce_tile(i, base):
+      batch, head, _, lo, hi = tile(i)
+      sources = tiles.key_sources(k_ref, v_ref, segment_ids_ref, batch=batch, head=head, block_k=block_k)
+      return stream.produce(sources, lo, hi, base)
+
+    lax.fori_loop(0, my_tiles, produce_tile, jnp.int32(0))
+
+  def take_turn():
+    plgpu.barrier_arrive(turn)
+    plgpu.barrier_wait(turn)
+
+  def consume_tile(i, base):
+    batch, head, program_start, lo, hi = tile(i)
+    q_smem, lse_smem = q_buffers.at[warpgroup], lse_buffers.at[warpgroup]
     q_start = program_start + warpgroup * block_q
     queries = (batch, pl.ds(q_start, block_q), head)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's output may still be leaving q_smem
     copies = [(q_ref.at[queries], q_smem)]
     if segments:
       copies.append((segment_ids_ref.at[batch, pl.ds(q_start, block_q)], q_segment_buffers.at[warpgroup]))
@@ -243,16 +276,12 @@ def _forward_kernel(*refs, segments: bool, causal: bool, scale: float, block_k: 
     origin = q_start.astype(jnp.float32)
     slope = slopes_ref[head]
 
-    def take_turn():
-      plgpu.barrier_arrive(turn)
-      plgpu.barrier_wait(turn)
-
     def visit(step, carry, *, masked: bool):
       acc, row_max, row_sum = carry
-      slot = stream.slot(step, lo)
+      slot = stream.slot(step, lo, base)
       stream.wait(0, slot)
       qk = tiles.matmul(
-        q_smem, tiles.transposed(stream.slots[0].at[slot]), shape=(block_q, block_k), while_running=take_turn
+        (q_smem, tiles.transposed(stream.slots[0].at[slot])), shape=(block_q, block_k), while_running=take_turn
       )
       stream.release(0, slot)
       k_segment = None
@@ -274,12 +303,12 @@ def _forward_kernel(*refs, segments: bool, causal: bool, scale: float, block_k: 
       plgpu.barrier_arrive(turn)  # softmax done: the other consumer may issue its products
       stream.wait(1, slot)
       plgpu.barrier_wait(turn)  # until the tensor cores are ours again
-      acc = tiles.accumulate(acc, p, stream.slots[1].at[slot])
+      acc = tiles.accumulate(acc, (p, stream.slots[1].at[slot]))
       stream.release(1, slot)
       return acc, new_max, row_sum
 
     def pass_over(step, carry):
-      stream.pass_step(stream.slot(step, lo))
+      stream.pass_step(stream.slot(step, lo, base))
       take_turn()
       take_turn()
       return carry
@@ -304,12 +333,18 @@ def _forward_kernel(*refs, segments: bool, causal: bool, scale: float, block_k: 
     pl.when(warpgroup == 0)(take_turn)
 
     q_smem[...] = (acc / tiles.rows(row_sum, acc.shape)).astype(q_smem.dtype)
-    lse_smem = lse_buffers.at[warpgroup]
     lse_smem[...] = row_max + jnp.log2(row_sum) + tiles.alibi_query_term(slope, q_pos, origin, causal=causal)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(q_smem, out_ref.at[queries])
     plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, pl.ds(q_start, block_q)])
+    return base + hi - lo
+
+  def consume():
+    lax.fori_loop(0, my_tiles, consume_tile, jnp.int32(0))
     plgpu.wait_smem_to_gmem(0)
+
+  tiles.as_producer(warpgroup, produce)
+  tiles.as_consumer(warpgroup, consume)
 
 
 _attention = flash.attention_with_vjp(_forward, pallas_mosaic_gpu_vjp.backward)

@@ -53,28 +53,39 @@ def load_vector(ref, layout):
   return plgpu.load(ref, layout=layout) if _JAX_0_11 else plgpu.load(ref, (), layout=layout)
 
 
-def matmul(a, b, *, shape: tuple[int, int], while_running: Callable[[], None] | None = None):
-  """``a @ b`` on the tensor cores, float32 [m, n]: a an SMEM tile or bf16 registers, b an SMEM tile.
+def matmul(*products, shape: tuple[int, int], while_running: Callable[[], None] | None = None):
+  """``a @ b`` for each ``(a, b)`` of ``products`` on the tensor cores, float32 [m, n] each.
 
-  ``while_running`` runs after the wgmma is issued and before its result is awaited.
+  a is an SMEM tile or bf16 registers, b an SMEM tile. The products are issued together and
+  awaited together (one wait instead of one each); ``while_running`` runs after they are
+  issued and before they are awaited. One product returns an array, several a tuple.
   """
 
-  def product(acc_ref):
-    plgpu.wgmma(acc_ref, a, b)
+  def run(*acc_refs):
+    for acc_ref, (a, b) in zip(acc_refs, products):
+      plgpu.wgmma(acc_ref, a, b)
     if while_running is not None:
       while_running()
-    return acc_ref[...]
+    return tuple(acc_ref[...] for acc_ref in acc_refs)
 
-  return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
+  results = pl.run_scoped(run, *(plgpu.ACC(shape, jnp.float32) for _ in products))
+  return results[0] if len(products) == 1 else results
 
 
-def accumulate(acc, a, b):
-  """``acc + a @ b``, accumulated by wgmma in acc's own registers."""
+def accumulate(accumulators, *products):
+  """``acc + a @ b`` for each accumulator and ``(a, b)``, by wgmma in the accumulators' own registers.
 
-  def product(acc_ref):
-    plgpu.wgmma(acc_ref, a, b)
+  Issued together, awaited together. ``accumulators`` is an array (one product) or a tuple.
+  """
+  single = not isinstance(accumulators, tuple)
+  accumulators = (accumulators,) if single else accumulators
 
-  return pl.run_state(product)(plgpu.ACC.init(acc))
+  def run(acc_refs):
+    for acc_ref, (a, b) in zip(acc_refs, products):
+      plgpu.wgmma(acc_ref, a, b)
+
+  results = pl.run_state(run)(tuple(plgpu.ACC.init(acc) for acc in accumulators))
+  return results[0] if single else results
 
 
 def zeros(shape, layout=plgpu.Layout.WGMMA):
@@ -155,10 +166,12 @@ def alibi_query_term(slope, q_pos, origin, *, causal: bool):
 class Stream:
   """Tiles of a few operands that the producer copies (TMA) into a ring of SMEM slots, one step at a time.
 
-  Step i of a loop over ``[start, stop)`` lives in slot ``(i - start) % stages``. Consumers
-  wait on a slot's ``loaded`` barrier, read it, and arrive on its ``consumed`` barrier (one
-  arrival per consumer warpgroup) so the producer may refill it. Barrier phases are tracked
-  per thread, so every consumer waits on every step, even one it passes over.
+  The ring position of step i of a loop over ``[start, stop)`` is ``base + i - start``, where
+  ``base`` counts the steps a program streamed before this loop (a persistent program loops
+  over several tiles); position n lives in slot ``n % stages``. Consumers wait on a slot's
+  ``loaded`` barrier, read it, and arrive on its ``consumed`` barrier (one arrival per
+  consumer warpgroup) so the producer may refill it. Barrier phases are tracked per thread,
+  so every consumer waits on every step, even one it passes over.
   """
 
   slots: tuple  # per operand: SMEM [stages, *tile]
@@ -177,26 +190,28 @@ class Stream:
   def stages(self) -> int:
     return self.slots[0].shape[0]
 
-  def slot(self, step, start):
-    return lax.rem(step - start, jnp.int32(self.stages))
+  def slot(self, step, start, base=0):
+    """The slot of step ``step`` of a loop from ``start`` that began at ring position ``base``."""
+    return lax.rem(base + step - start, jnp.int32(self.stages))
 
-  def produce(self, warpgroup, sources: Callable[[jax.Array], Sequence], start, stop):
-    """The producer warpgroup's work: copies ``sources(step)`` (a GMEM tile per operand) for steps ``[start, stop)``."""
+  def produce(self, sources: Callable[[jax.Array], Sequence], start, stop, base=0):
+    """Producer: copies ``sources(step)`` (a GMEM tile per operand) for steps ``[start, stop)``.
 
-    @pl.when(warpgroup == COMPUTE_WARPGROUPS)
-    def _producer():
-      plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+    Returns the ring position after them.
+    """
 
-      @pl.loop(start, stop)
-      def _copy(step):
-        slot = self.slot(step, start)
-        for source, slots, loaded, consumed in zip(sources(step), self.slots, self.loaded, self.consumed):
+    @pl.loop(start, stop)
+    def _copy(step):
+      slot = self.slot(step, start, base)
+      for source, slots, loaded, consumed in zip(sources(step), self.slots, self.loaded, self.consumed):
 
-          @pl.when(step - start >= self.stages)
-          def _wait_for_consumers():
-            plgpu.barrier_wait(consumed.at[slot])
+        @pl.when(base + step - start >= self.stages)
+        def _wait_for_consumers():
+          plgpu.barrier_wait(consumed.at[slot])
 
-          plgpu.copy_gmem_to_smem(source, slots.at[slot], loaded.at[slot])
+        plgpu.copy_gmem_to_smem(source, slots.at[slot], loaded.at[slot])
+
+    return base + stop - start
 
   def wait(self, operand: int, slot):
     plgpu.barrier_wait(self.loaded[operand].at[slot])
@@ -209,6 +224,24 @@ class Stream:
     for operand in range(len(self.slots)):
       self.wait(operand, slot)
       self.release(operand, slot)
+
+
+def as_producer(warpgroup, work: Callable[[], None]) -> None:
+  """Runs ``work`` on the producer warpgroup, which needs few registers."""
+
+  @pl.when(warpgroup == COMPUTE_WARPGROUPS)
+  def _producer():
+    plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+    work()
+
+
+def as_consumer(warpgroup, work: Callable[[], None]) -> None:
+  """Runs ``work`` on each consumer warpgroup, with most of the register file."""
+
+  @pl.when(warpgroup < COMPUTE_WARPGROUPS)
+  def _consumer():
+    plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
+    work()
 
 
 def key_sources(k_ref, v_ref, segment_ids_ref, *, batch, head, block_k: int):
@@ -252,22 +285,27 @@ def run_plan(plan, carry):
   return carry
 
 
-def query_program(*, block_q: int, block_k: int, seq_len: int, causal: bool, segment_ranges, batch):
-  """This program's first query and key steps ``[lo, hi)``, in kernels that hold queries (forward, dQ).
+def heaviest_first(index, num_programs: int):
+  """Grid index -> query block, last block first: under the causal mask later query blocks
+  visit more keys, and starting them first leaves short programs for the tail (longest
+  processing time first)."""
+  return num_programs - 1 - index
 
-  Programs take query blocks heaviest first (the last block, with the most keys under the
-  causal mask, launches first: longest work first). Key steps run up to the program's last
-  query's diagonal when causal, and within ``segment_ranges`` (pallas_tiles.segment_block_ranges'
-  [B, programs] refs of first and past-last key blocks) when given.
+
+def query_program(query_block, *, block_q: int, block_k: int, seq_len: int, causal: bool, segment_ranges, batch):
+  """Query block ``query_block``'s first query and key steps ``[lo, hi)``, in kernels that hold queries (forward, dQ).
+
+  Key steps run up to the block's last query's diagonal when causal, and within
+  ``segment_ranges`` (pallas_tiles.segment_block_ranges' [B, query blocks] refs of first and
+  past-last key blocks) when given.
   """
   program_rows = COMPUTE_WARPGROUPS * block_q
-  program = seq_len // program_rows - 1 - lax.axis_index("programs")
-  start = program * program_rows
+  start = query_block * program_rows
   lo, hi = jnp.int32(0), jnp.int32(seq_len // block_k)
   if causal:
     hi = pl.cdiv(start + program_rows, jnp.int32(block_k))
   if segment_ranges is not None:
-    lo, hi = clip(lo, hi, *(ref[batch, program] for ref in segment_ranges))
+    lo, hi = clip(lo, hi, *(ref[batch, query_block] for ref in segment_ranges))
   return start, lo, hi
 
 

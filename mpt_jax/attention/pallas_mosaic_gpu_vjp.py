@@ -101,7 +101,9 @@ def _dq_kernel(*refs, segments: bool, causal: bool, scale: float, block_k: int):
   q_buffers, d_out_buffers, lse_buffers, delta_buffers, q_segment_buffers = query_buffers
   stream = tiles.Stream(*stream_scratch)
   block_q, head_dim = q_buffers.shape[1:]
+  num_programs = k_ref.shape[1] // (tiles.COMPUTE_WARPGROUPS * block_q)
   program_start, lo, hi = tiles.query_program(
+    tiles.heaviest_first(lax.axis_index("programs"), num_programs),
     block_q=block_q,
     block_k=block_k,
     seq_len=k_ref.shape[1],
@@ -109,13 +111,10 @@ def _dq_kernel(*refs, segments: bool, causal: bool, scale: float, block_k: int):
     segment_ranges=(k_lo_ref, k_hi_ref) if segments else None,
     batch=batch,
   )
-  stream.produce(
-    warpgroup, tiles.key_sources(k_ref, v_ref, segment_ids_ref, batch=batch, head=head, block_k=block_k), lo, hi
-  )
+  sources = tiles.key_sources(k_ref, v_ref, segment_ids_ref, batch=batch, head=head, block_k=block_k)
+  tiles.as_producer(warpgroup, lambda: stream.produce(sources, lo, hi))
 
-  @pl.when(warpgroup < tiles.COMPUTE_WARPGROUPS)
-  def _consumer():
-    plgpu.set_max_registers(tiles.CONSUMER_REGISTERS, action="increase")
+  def consume():
     q_start = program_start + warpgroup * block_q
     queries = (batch, pl.ds(q_start, block_q), head)
     vectors = (batch, head, pl.ds(q_start, block_q))
@@ -142,7 +141,12 @@ def _dq_kernel(*refs, segments: bool, causal: bool, scale: float, block_k: int):
       slot = stream.slot(step, lo)
       k_smem, v_smem = stream.slots[0].at[slot], stream.slots[1].at[slot]
       stream.wait(0, slot)
-      qk = tiles.matmul(q_smem, tiles.transposed(k_smem), shape=(block_q, block_k))
+      stream.wait(1, slot)
+      # Both products need only the streamed tiles: issued together, one wait.
+      qk, dp = tiles.matmul(
+        (q_smem, tiles.transposed(k_smem)), (d_out_smem, tiles.transposed(v_smem)), shape=(block_q, block_k)
+      )
+      stream.release(1, slot)
       k_segment = None
       if segments:
         stream.wait(2, slot)
@@ -153,11 +157,8 @@ def _dq_kernel(*refs, segments: bool, causal: bool, scale: float, block_k: int):
       )
       s = frame.scores(qk, scale=scale, causal=causal, masked=masked)
       p = jnp.exp2(s - tiles.rows(row_offset, s.shape))
-      stream.wait(1, slot)
-      dp = tiles.matmul(d_out_smem, tiles.transposed(v_smem), shape=(block_q, block_k))
-      stream.release(1, slot)
       ds = p * (dp - tiles.rows(delta, dp.shape))
-      dq = tiles.accumulate(dq, ds.astype(k_smem.dtype), k_smem)
+      dq = tiles.accumulate(dq, (ds.astype(k_smem.dtype), k_smem))
       stream.release(0, slot)
       return dq
 
@@ -180,6 +181,8 @@ def _dq_kernel(*refs, segments: bool, causal: bool, scale: float, block_k: int):
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[queries])
     plgpu.wait_smem_to_gmem(0)
+
+  tiles.as_consumer(warpgroup, consume)
 
 
 def _dkv(q, k, v, d_out, lse, delta, slopes, segment_ids, *, block_q, block_k, stages, causal, scale):
@@ -245,11 +248,9 @@ def _dkv_kernel(*refs, segments: bool, causal: bool, scale: float, block_q: int)
       query_tiles.append(segment_ids_ref.at[batch, pl.ds(step * block_q, block_q)])
     return query_tiles
 
-  stream.produce(warpgroup, sources, lo, hi)
+  tiles.as_producer(warpgroup, lambda: stream.produce(sources, lo, hi))
 
-  @pl.when(warpgroup < tiles.COMPUTE_WARPGROUPS)
-  def _consumer():
-    plgpu.set_max_registers(tiles.CONSUMER_REGISTERS, action="increase")
+  def consume():
     k_start = program_start + warpgroup * block_k
     keys = (batch, pl.ds(k_start, block_k), head)
     k_smem, v_smem = k_buffers.at[warpgroup], v_buffers.at[warpgroup]
@@ -268,7 +269,11 @@ def _dkv_kernel(*refs, segments: bool, causal: bool, scale: float, block_q: int)
       slot = stream.slot(step, lo)
       q_smem, d_out_smem = stream.slots[q_tile].at[slot], stream.slots[d_out_tile].at[slot]
       stream.wait(q_tile, slot)
-      qk_t = tiles.matmul(k_smem, tiles.transposed(q_smem), shape=(block_k, block_q))
+      stream.wait(d_out_tile, slot)
+      # Both products need only the streamed and held tiles: issued together, one wait.
+      qk_t, dp_t = tiles.matmul(
+        (k_smem, tiles.transposed(q_smem)), (v_smem, tiles.transposed(d_out_smem)), shape=(block_k, block_q)
+      )
       q_pos = tiles.positions(step * block_q, block_q, tiles.COLUMNS)
       q_segment = None
       if segments:
@@ -280,17 +285,15 @@ def _dkv_kernel(*refs, segments: bool, causal: bool, scale: float, block_q: int)
       stream.wait(lse_vector, slot)
       lse = tiles.load_vector(stream.slots[lse_vector].at[slot], tiles.COLUMNS)
       stream.release(lse_vector, slot)
-      column_offset = lse - tiles.alibi_query_term(slope, q_pos, origin, causal=causal)
-      p_t = jnp.exp2(s_t - tiles.columns(column_offset, s_t.shape))
-      stream.wait(d_out_tile, slot)
-      dv = tiles.accumulate(dv, p_t.astype(q_smem.dtype), d_out_smem)
-      dp_t = tiles.matmul(v_smem, tiles.transposed(d_out_smem), shape=(block_k, block_q))
-      stream.release(d_out_tile, slot)
       stream.wait(delta_vector, slot)
       delta = tiles.load_vector(stream.slots[delta_vector].at[slot], tiles.COLUMNS)
       stream.release(delta_vector, slot)
+      column_offset = lse - tiles.alibi_query_term(slope, q_pos, origin, causal=causal)
+      p_t = jnp.exp2(s_t - tiles.columns(column_offset, s_t.shape))
       ds_t = p_t * (dp_t - tiles.columns(delta, dp_t.shape))
-      dk = tiles.accumulate(dk, ds_t.astype(q_smem.dtype), q_smem)
+      # dV += P^T dO and dK += dS^T Q, issued together.
+      dv, dk = tiles.accumulate((dv, dk), (p_t.astype(q_smem.dtype), d_out_smem), (ds_t.astype(q_smem.dtype), q_smem))
+      stream.release(d_out_tile, slot)
       stream.release(q_tile, slot)
       return dk, dv
 
@@ -315,3 +318,5 @@ def _dkv_kernel(*refs, segments: bool, causal: bool, scale: float, block_q: int)
     plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[keys])
     plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[keys])
     plgpu.wait_smem_to_gmem(0)
+
+  tiles.as_consumer(warpgroup, consume)
