@@ -1,4 +1,7 @@
-"""Single-query cache attention (attention/decode.py) against the reference at the same query position."""
+"""Single-query cache attention (attention/decode.py, and the Pallas kernel pallas_decode.py:
+compiled on a GPU, interpreted elsewhere) against the reference at the same query position."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -6,15 +9,21 @@ import numpy as np
 import pytest
 
 from mpt_jax.alibi import alibi_slopes
-from mpt_jax.attention import decode, reference
+from mpt_jax.attention import decode, pallas_decode, reference
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+DECODERS = {
+  "xla": decode.attention,
+  "pallas": functools.partial(pallas_decode.attention, interpret=jax.default_backend() != "gpu"),
+}
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("per_row", [False, True], ids=lambda p: f"per_row={p}")
 @pytest.mark.parametrize("seed", [0, 1])
-def test_matches_the_reference_at_the_query_position(seed, per_row, dtype):
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_matches_the_reference_at_the_query_position(decoder, seed, per_row, dtype):
+  # 37 positions: the Pallas kernel's last 64-position block is ragged.
   batch, cache_length, heads, head_dim = 3, 37, 5, 16
   k_q, k_k, k_v, k_pos = jax.random.split(jax.random.key(seed), 4)
   q = jax.random.normal(k_q, (batch, 1, heads, head_dim)).astype(dtype)
@@ -22,7 +31,7 @@ def test_matches_the_reference_at_the_query_position(seed, per_row, dtype):
   v = jax.random.normal(k_v, (batch, cache_length, heads, head_dim)).astype(dtype)
   position = jax.random.randint(k_pos, (batch,) if per_row else (), 0, cache_length)
   slopes = alibi_slopes(heads, 8.0, "mpt")
-  ours = decode.attention(q, k, v, slopes=slopes, q_offset=position, scale=0.3)
+  ours = DECODERS[decoder](q, k, v, slopes=slopes, q_offset=position, scale=0.3)
   assert ours.shape == q.shape and ours.dtype == q.dtype
   rows = np.broadcast_to(np.asarray(position), (batch,))
   for b in range(batch):
@@ -40,21 +49,50 @@ def test_matches_the_reference_at_the_query_position(seed, per_row, dtype):
     )
 
 
-def test_keys_after_the_query_are_ignored():
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_keys_after_the_query_are_ignored(decoder):
   k_q, k_k, k_v = jax.random.split(jax.random.key(2), 3)
-  q = jax.random.normal(k_q, (2, 1, 4, 8))
-  k, v = jax.random.normal(k_k, (2, 11, 4, 8)), jax.random.normal(k_v, (2, 11, 4, 8))
+  q = jax.random.normal(k_q, (2, 1, 4, 16))
+  k, v = jax.random.normal(k_k, (2, 11, 4, 16)), jax.random.normal(k_v, (2, 11, 4, 16))
   position = jnp.array([3, 7])
   stale = k.at[0, 4:].set(100.0).at[1, 8:].set(-100.0), v.at[0, 4:].set(9.0).at[1, 8:].set(9.0)
   slopes = alibi_slopes(4)
   np.testing.assert_array_equal(
-    decode.attention(q, *stale, slopes=slopes, q_offset=position),
-    decode.attention(q, k, v, slopes=slopes, q_offset=position),
+    DECODERS[decoder](q, *stale, slopes=slopes, q_offset=position),
+    DECODERS[decoder](q, k, v, slopes=slopes, q_offset=position),
   )
 
 
-def test_shapes_are_checked():
+def test_the_kernel_never_loads_the_cache_past_the_query():
+  """NaN after each row's position cannot reach the output: those blocks are outside the loop and masked on load."""
+  k_q, k_k, k_v = jax.random.split(jax.random.key(3), 3)
+  q = jax.random.normal(k_q, (2, 1, 4, 16))
+  k, v = jax.random.normal(k_k, (2, 150, 4, 16)), jax.random.normal(k_v, (2, 150, 4, 16))
+  position = jnp.array([5, 70])
+  stale = k.at[0, 6:].set(jnp.nan).at[1, 71:].set(jnp.nan), v.at[0, 6:].set(jnp.nan).at[1, 71:].set(jnp.nan)
+  slopes = alibi_slopes(4)
+  np.testing.assert_allclose(
+    DECODERS["pallas"](q, *stale, slopes=slopes, q_offset=position),
+    decode.attention(q, k, v, slopes=slopes, q_offset=position),
+    rtol=1e-5,
+    atol=1e-5,
+  )
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_shapes_are_checked(decoder):
   with pytest.raises(ValueError, match=r"expected q \[B, 1, N, H\]"):
-    decode.attention(
+    DECODERS[decoder](
       jnp.zeros((2, 3, 4, 8)), jnp.zeros((2, 9, 4, 8)), jnp.zeros((2, 9, 4, 8)), slopes=alibi_slopes(4), q_offset=0
     )
+
+
+def test_generation_takes_the_kernel_on_a_gpu_unless_told_xla(monkeypatch):
+  from mpt_jax import attention
+
+  q, k = jnp.zeros((1, 1, 4, 16)), jnp.zeros((1, 9, 4, 16))
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert attention._decode_kernel_applies(q, k, "auto")
+  assert not attention._decode_kernel_applies(q, k, "xla")
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  assert not attention._decode_kernel_applies(q, k, "auto")

@@ -14,9 +14,9 @@
          TPU the kernels run in the Pallas TPU interpreter (tests).
   auto   pallas on GPU, pallas_tpu on TPU, for the shapes they support (T == S; on GPU a
          power-of-two head_dim), xla otherwise.
-Cached decoding (``q_offset`` given: a few new queries per row against a KV cache) runs plain
-XLA whatever ``impl`` says, flash kernels gain nothing there: decode.py for one query per row,
-reference.py for more. docs/attention.md describes the kernels' design.
+Cached decoding (``q_offset`` given: a few new queries per row against a KV cache) does not
+use the flash kernels: one query per row runs pallas_decode.py on a GPU (one kernel per
+layer; impl "xla" or a mesh keeps XLA) and decode.py elsewhere, more queries reference.py. docs/attention.md describes the kernels' design.
 
 The kernels know nothing of the training mesh: under a mesh, a caller says which mesh axes
 split the batch and the heads (``MeshAxes``); the model passes mpt_jax.sharding's.
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from mpt_jax.attention import decode, masks, pallas_mosaic_gpu, pallas_tpu, pallas_triton, reference
+from mpt_jax.attention import decode, masks, pallas_decode, pallas_mosaic_gpu, pallas_tpu, pallas_triton, reference
 
 IMPLS = ("auto", "xla", "cudnn", "pallas", "pallas_mosaic_gpu", "pallas_triton", "pallas_tpu")
 
@@ -59,7 +59,8 @@ def dot_product_attention(
     raise ValueError(f"expected one ALiBi slope per head ({q.shape[2]}), got {jnp.shape(slopes)=}")
   if q_offset is not None:  # a few queries against a long cache
     if q.shape[1] == 1 and segment_ids is None and causal:
-      return decode.attention(q, k, v, slopes=slopes, scale=scale, q_offset=q_offset)
+      single_query = pallas_decode.attention if _decode_kernel_applies(q, k, impl) else decode.attention
+      return single_query(q, k, v, slopes=slopes, scale=scale, q_offset=q_offset)
     return reference.attention(
       q, k, v, slopes=slopes, segment_ids=segment_ids, causal=causal, scale=scale, q_offset=q_offset
     )
@@ -96,6 +97,16 @@ _KERNELS = {
   "pallas_triton": (pallas_triton.flash_attention, "gpu"),
   "pallas_tpu": (pallas_tpu.flash_attention, "tpu"),
 }
+
+
+def _decode_kernel_applies(q, k, impl: str) -> bool:
+  """Whether one-query cached attention runs the Pallas decode kernel: on a GPU, outside a mesh."""
+  return (
+    impl != "xla"
+    and jax.default_backend() == "gpu"
+    and jax.sharding.get_abstract_mesh().empty
+    and pallas_decode.supports(q, k)
+  )
 
 
 def _auto_impl(q, k):

@@ -28,8 +28,7 @@ def attention(q, k, v, *, slopes, q_offset, scale=None):
   Returns:
     [B, 1, N, H] in q's dtype.
   """
-  if q.ndim != 4 or q.shape[1] != 1 or k.shape != v.shape or q.shape[::2] != k.shape[::2] or q.shape[3] != k.shape[3]:
-    raise ValueError(f"expected q [B, 1, N, H] and k, v [B, S, N, H]; got {q.shape=} {k.shape=} {v.shape=}")
+  check_shapes(q, k, v)
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   scores = jnp.sum(q.astype(jnp.float32) * k.astype(jnp.float32), axis=-1) * scale  # [B, S, N]
   q_pos = jnp.reshape(q_offset, (-1, 1, 1))  # [B or 1, 1, 1]
@@ -39,3 +38,9 @@ def attention(q, k, v, *, slopes, q_offset, scale=None):
   probs = jax.nn.softmax(scores, axis=1).astype(v.dtype)  # over S
   out = jnp.sum(probs[..., None].astype(jnp.float32) * v.astype(jnp.float32), axis=1)  # [B, N, H]
   return out[:, None].astype(q.dtype)
+
+
+def check_shapes(q, k, v) -> None:
+  """Raises ValueError unless q is [B, 1, N, H] and k, v are [B, S, N, H]."""
+  if q.ndim != 4 or q.shape[1] != 1 or k.shape != v.shape or q.shape[::2] != k.shape[::2] or q.shape[3] != k.shape[3]:
+    raise ValueError(f"expected q [B, 1, N, H] and k, v [B, S, N, H]; got {q.shape=} {k.shape=} {v.shape=}")
