@@ -9,8 +9,10 @@ and 1/std; the backward reads x and dy once, writes dx, and adds its rows' share
 d scale into one float32 row per program, which XLA sums afterwards (a [rows /
 block_rows, D] array, 1/(2 * block_rows) of dy's size).
 
-Rows are the flattened leading axes; D must be a power of two (Triton blocks), which every
-MPT width is. ``ops.layer_norm`` uses these kernels on GPUs and the same maths in XLA
+Rows are the flattened leading axes, any number of them: programs take BLOCK_ROWS rows, or
+as many as divide the count (one row when decoding one sequence, so a batch-1 decoding step
+normalizes in one kernel rather than XLA's two reductions and an elementwise pass). D must
+be a power of two (Triton blocks), which every MPT width is. ``ops.layer_norm`` uses these kernels on GPUs and the same maths in XLA
 elsewhere; ``interpret=True`` runs them in the Pallas interpreter (tests).
 """
 
@@ -22,25 +24,31 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-BLOCK_ROWS = 4  # rows per program: 4 x 2048 float32 values per live array fit 8 warps' registers
+BLOCK_ROWS = 4  # rows per program (at most): 4 x 2048 float32 values per live array fit 8 warps' registers
 NUM_WARPS = 8
 MAX_WIDTH = 16384
 
 
-def supports(width: int, rows: int) -> bool:
-  """Whether the kernels take [rows, width]: width a power of two in [16, MAX_WIDTH], rows a multiple of BLOCK_ROWS."""
-  return width & (width - 1) == 0 and 16 <= width <= MAX_WIDTH and rows % BLOCK_ROWS == 0
+def supports(width: int) -> bool:
+  """Whether the kernels take rows of this width: a power of two in [16, MAX_WIDTH]."""
+  return width & (width - 1) == 0 and 16 <= width <= MAX_WIDTH
+
+
+def _block_rows(rows: int) -> int:
+  """Rows per program: BLOCK_ROWS, or the largest power of two below it that divides ``rows``."""
+  return math.gcd(rows, BLOCK_ROWS)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "dtype", "interpret"))
 def forward(x, scale, *, eps: float, dtype, interpret: bool = False):
   """(y [..., D] in dtype, mean [...], rstd [...]) of the LayerNorm of x with scale [D]."""
   rows, width = math.prod(x.shape[:-1]), x.shape[-1]
-  row_spec = pl.BlockSpec((BLOCK_ROWS, width), lambda i: (i, 0))
-  stat_spec = pl.BlockSpec((BLOCK_ROWS,), lambda i: (i,))
+  block_rows = _block_rows(rows)
+  row_spec = pl.BlockSpec((block_rows, width), lambda i: (i, 0))
+  stat_spec = pl.BlockSpec((block_rows,), lambda i: (i,))
   y, mean, rstd = pl.pallas_call(
     functools.partial(_forward_kernel, eps=eps),
-    grid=(rows // BLOCK_ROWS,),
+    grid=(rows // block_rows,),
     in_specs=[row_spec, pl.BlockSpec((width,), lambda i: (0,))],
     out_specs=[row_spec, stat_spec, stat_spec],
     out_shape=[jax.ShapeDtypeStruct((rows, width), dtype), *[jax.ShapeDtypeStruct((rows,), jnp.float32)] * 2],
@@ -55,9 +63,10 @@ def forward(x, scale, *, eps: float, dtype, interpret: bool = False):
 def backward(x, scale, mean, rstd, dy, *, interpret: bool = False):
   """(dx [..., D] in x's dtype, d scale [D] in scale's dtype) from the forward's mean and rstd [...]."""
   rows, width = math.prod(x.shape[:-1]), x.shape[-1]
-  programs = rows // BLOCK_ROWS
-  row_spec = pl.BlockSpec((BLOCK_ROWS, width), lambda i: (i, 0))
-  stat_spec = pl.BlockSpec((BLOCK_ROWS,), lambda i: (i,))
+  block_rows = _block_rows(rows)
+  programs = rows // block_rows
+  row_spec = pl.BlockSpec((block_rows, width), lambda i: (i, 0))
+  stat_spec = pl.BlockSpec((block_rows,), lambda i: (i,))
   dx, dscale_rows = pl.pallas_call(
     _backward_kernel,
     grid=(programs,),
