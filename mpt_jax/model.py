@@ -142,7 +142,21 @@ class Attention(nnx.Module):
       q_offset=position,
       axes=_KERNEL_AXES,
     )
-    return jnp.einsum("BTNH,NHD->BTD", out, self.out_proj[...].astype(c.dtype)), cache
+    return _project_out(out, self.out_proj[...].astype(c.dtype)), cache
+
+
+def _project_out(out, weight):
+  """out [B, T, N, H] @ weight [N, H, D] -> [B, T, D].
+
+  One row alone (decoding one sequence) makes this a vector-matrix product under XLA's size
+  threshold for GEMMs, which its GPU simplifier rewrites into a multiply that writes an
+  [N, H, D] product as large as the weight, then a reduction over it: 15 us a layer on an
+  H200 (benchmarks/RESULTS.md, "Generation"). With a second, zero row it stays a GEMM.
+  """
+  if out.shape[0] * out.shape[1] > 1:
+    return jnp.einsum("BTNH,NHD->BTD", out, weight)
+  rows = jnp.concatenate([out.reshape(1, -1), jnp.zeros((1, out[0, 0].size), out.dtype)])  # [2, N*H]
+  return (rows @ weight.reshape(rows.shape[1], -1))[:1].reshape(*out.shape[:2], -1)
 
 
 def _write_cache(cache, new, position):

@@ -12,7 +12,7 @@ from flax import nnx
 
 from mpt_jax import MPTConfig, MPTForCausalLM
 from mpt_jax.hf_config import from_hf_dict
-from mpt_jax.model import stack_layers, unstack_layers
+from mpt_jax.model import _project_out, stack_layers, unstack_layers
 
 TOLERANCE = 1e-5  # max |ours - theirs| / max |theirs|, float32
 
@@ -167,6 +167,18 @@ def test_packed_documents_equal_each_document_alone(scan_layers):
   np.testing.assert_allclose(logits[:, 13:], model(jnp.asarray(second)), rtol=1e-5, atol=1e-5)
   # Without segment ids the second document sees the first: the logits differ.
   assert not np.allclose(model(packed)[:, 13:], logits[:, 13:], atol=1e-3)
+
+
+def test_out_projection_of_one_row_equals_the_batched_one():
+  """A single decoding row takes the padded-GEMM form (model._project_out); same function."""
+  k_out, k_weight = jax.random.split(jax.random.key(3))
+  out = jax.random.normal(k_out, (3, 1, 4, 8))
+  weight = jax.random.normal(k_weight, (4, 8, 16))
+  batched = _project_out(out, weight)
+  alone = jnp.concatenate([_project_out(out[i : i + 1], weight) for i in range(3)])
+  assert alone.shape == batched.shape == (3, 1, 16)
+  np.testing.assert_allclose(alone, batched, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(batched, jnp.einsum("BTNH,NHD->BTD", out, weight), rtol=1e-5, atol=1e-5)
 
 
 def test_scanned_and_looped_layouts_compute_the_same_function():
