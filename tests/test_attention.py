@@ -58,12 +58,13 @@ def _case_id(case):
   )
 
 
-def _inputs(seed, batch, seq_len, heads, head_dim, segments=None):
-  """q, k, v, a cotangent (float32) and segment ids (None, "packed" or "shuffled")."""
+def _inputs(seed, batch, seq_len, heads, head_dim, segments=None, *, dtype=jnp.float32, new_document_rate=0.1):
+  """q, k, v, a cotangent (in ``dtype``) and segment ids (None; "packed": sorted, a new document
+  starting at each token with ``new_document_rate``; or "shuffled": unsorted)."""
   keys = jax.random.split(jax.random.key(seed), 5)
-  q, k, v, d_out = (jax.random.normal(key, (batch, seq_len, heads, head_dim)) for key in keys[:4])
+  q, k, v, d_out = (jax.random.normal(key, (batch, seq_len, heads, head_dim), dtype) for key in keys[:4])
   if segments == "packed":
-    segments = jnp.cumsum(jax.random.bernoulli(keys[4], 0.1, (batch, seq_len)), axis=1, dtype=jnp.int32)
+    segments = jnp.cumsum(jax.random.bernoulli(keys[4], new_document_rate, (batch, seq_len)), axis=1, dtype=jnp.int32)
   elif segments == "shuffled":
     segments = jax.random.randint(keys[4], (batch, seq_len), 0, 3)
   return q, k, v, d_out, segments

@@ -17,6 +17,8 @@ import pytest
 from mpt_jax import attention
 from mpt_jax.alibi import alibi_slopes
 from mpt_jax.attention import dot_product_attention, pallas_mosaic_gpu, reference
+from tests import test_attention
+from tests.test_attention import _rel_err
 
 ON_HOPPER = pallas_mosaic_gpu.on_hopper()
 hopper_only = pytest.mark.skipif(
@@ -44,20 +46,8 @@ def _case_id(case):
   return f"{seq_len=}-{head_dim=}-{'causal' if causal else 'bidirectional'}-{segments=}-{scale=}"
 
 
-def _inputs(seed, batch, seq_len, heads, head_dim, segments=None):
-  """bf16 q, k, v, d_out and segment ids (None, "packed": sorted, or "shuffled": unsorted)."""
-  keys = jax.random.split(jax.random.key(seed), 5)
-  q, k, v, d_out = (jax.random.normal(key, (batch, seq_len, heads, head_dim), jnp.bfloat16) for key in keys[:4])
-  if segments == "packed":
-    segments = jnp.cumsum(jax.random.bernoulli(keys[4], 0.01, (batch, seq_len)), axis=1, dtype=jnp.int32)
-  elif segments == "shuffled":
-    segments = jax.random.randint(keys[4], (batch, seq_len), 0, 3)
-  return q, k, v, d_out, segments
-
-
-def _rel_err(actual, expected):
-  actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
-  return np.linalg.norm(actual - expected) / np.linalg.norm(expected)
+# bf16 q, k, v, d_out and segment ids; packed documents of ~100 tokens.
+_inputs = functools.partial(test_attention._inputs, dtype=jnp.bfloat16, new_document_rate=0.01)
 
 
 def _out_and_grads(attend, q, k, v, d_out):

@@ -235,7 +235,7 @@ def _forward_kernel(*refs, segments: bool, causal: bool, scale: float, block_k: 
   def tile(i):
     """(batch row, head, first query, key steps lo, hi) of this program's i-th tile."""
     t = cta + i * num_ctas
-    query_block = tiles.heaviest_first(lax.div(t, jnp.int32(heads * batch_size)), num_programs)
+    query_block = pallas_tiles.heaviest_first(lax.div(t, jnp.int32(heads * batch_size)), num_blocks=num_programs)
     head_and_row = lax.rem(t, jnp.int32(heads * batch_size))
     batch, head = lax.rem(head_and_row, jnp.int32(batch_size)), lax.div(head_and_row, jnp.int32(batch_size))
     start, lo, hi = tiles.query_program(
@@ -284,13 +284,8 @@ def _forward_kernel(*refs, segments: bool, causal: bool, scale: float, block_k: 
         (q_smem, tiles.transposed(stream.slots[0].at[slot])), shape=(block_q, block_k), while_running=take_turn
       )
       stream.release(0, slot)
-      k_segment = None
-      if segments:
-        stream.wait(2, slot)
-        k_segment = tiles.load_vector(stream.slots[2].at[slot], tiles.COLUMNS)
-        stream.release(2, slot)
-      frame = tiles.TileFrame(
-        q_pos, tiles.positions(step * block_k, block_k, tiles.COLUMNS), q_segment, k_segment, slope, origin, True
+      frame = tiles.key_step_frame(
+        stream, slot, step, block_k=block_k, q_pos=q_pos, q_segment=q_segment, slope=slope, origin=origin
       )
       s = frame.scores(qk, scale=scale, causal=causal, masked=masked)
       # Online softmax (FlashAttention-2 §3.1.1): rescale the running sums when the row maximum grows.
@@ -333,7 +328,9 @@ def _forward_kernel(*refs, segments: bool, causal: bool, scale: float, block_k: 
     pl.when(warpgroup == 0)(take_turn)
 
     q_smem[...] = (acc / tiles.rows(row_sum, acc.shape)).astype(q_smem.dtype)
-    lse_smem[...] = row_max + jnp.log2(row_sum) + tiles.alibi_query_term(slope, q_pos, origin, causal=causal)
+    lse_smem[...] = (
+      row_max + jnp.log2(row_sum) + pallas_tiles.alibi_query_term(slope, q_pos, origin=origin, causal=causal)
+    )
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(q_smem, out_ref.at[queries])
     plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, pl.ds(q_start, block_q)])

@@ -14,7 +14,6 @@ logsumexp. Vectors along a tile's rows use the ROWS layout, along its columns CO
 """
 
 import dataclasses
-import math
 from typing import Callable, Sequence
 
 import jax
@@ -24,8 +23,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from mpt_jax.attention import masks
+from mpt_jax.attention.pallas_tiles import LOG2E
 
-LOG2E = math.log2(math.e)
 COMPUTE_WARPGROUPS = 2  # consumers per program; the producer is warpgroup COMPUTE_WARPGROUPS
 WARPGROUP_AXIS = "warpgroup"
 ROWS = plgpu.Layout.WGMMA.reduce(1)  # [rows] vectors of a wgmma tile: one value per row
@@ -155,13 +154,6 @@ class TileFrame:
     return s if keep is None else jnp.where(keep, s, masks.MASK_VALUE)
 
 
-def alibi_query_term(slope, q_pos, origin, *, causal: bool):
-  """The per-query ALiBi (log2 units) that ``TileFrame.scores`` leaves out (pallas_tiles.alibi_query_term)."""
-  if not causal:
-    return jnp.zeros_like(q_pos)
-  return slope * LOG2E * (origin - q_pos)
-
-
 @dataclasses.dataclass(frozen=True)
 class Stream:
   """Tiles of a few operands that the producer copies (TMA) into a ring of SMEM slots, one step at a time.
@@ -257,6 +249,18 @@ def key_sources(k_ref, v_ref, segment_ids_ref, *, batch, head, block_k: int):
   return sources
 
 
+def key_step_frame(stream: Stream, slot, step, *, block_k: int, q_pos, q_segment, slope, origin) -> TileFrame:
+  """The TileFrame of key step ``step`` in kernels that hold queries and stream keys (forward,
+  dQ); with segments (``q_segment`` given) it reads the step's key segments from the stream."""
+  k_segment = None
+  if q_segment is not None:
+    stream.wait(2, slot)  # key_sources' third operand
+    k_segment = load_vector(stream.slots[2].at[slot], COLUMNS)
+    stream.release(2, slot)
+  k_pos = positions(step * block_k, block_k, COLUMNS)
+  return TileFrame(q_pos, k_pos, q_segment, k_segment, slope, origin, True)
+
+
 def held_barriers(count: int):
   """Scratch for ``copy_in``: one barrier per held operand, one per consumer each."""
   return tuple(plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS) for _ in range(count))
@@ -283,13 +287,6 @@ def run_plan(plan, carry):
   for start, stop, body in plan:
     carry = lax.fori_loop(start, stop, body, carry)
   return carry
-
-
-def heaviest_first(index, num_programs: int):
-  """Grid index -> query block, last block first: under the causal mask later query blocks
-  visit more keys, and starting them first leaves short programs for the tail (longest
-  processing time first)."""
-  return num_programs - 1 - index
 
 
 def query_program(query_block, *, block_q: int, block_k: int, seq_len: int, causal: bool, segment_ranges, batch):

@@ -103,7 +103,7 @@ def _dq_kernel(*refs, segments: bool, causal: bool, scale: float, block_k: int):
   block_q, head_dim = q_buffers.shape[1:]
   num_programs = k_ref.shape[1] // (tiles.COMPUTE_WARPGROUPS * block_q)
   program_start, lo, hi = tiles.query_program(
-    tiles.heaviest_first(lax.axis_index("programs"), num_programs),
+    pallas_tiles.heaviest_first(lax.axis_index("programs"), num_blocks=num_programs),
     block_q=block_q,
     block_k=block_k,
     seq_len=k_ref.shape[1],
@@ -134,7 +134,7 @@ def _dq_kernel(*refs, segments: bool, causal: bool, scale: float, block_k: int):
     slope = slopes_ref[head]
     # p = exp2(s - lse): the scores lack the ALiBi query term, so it leaves the logsumexp too.
     lse = tiles.load_vector(lse_buffers.at[warpgroup], tiles.ROWS)
-    row_offset = lse - tiles.alibi_query_term(slope, q_pos, origin, causal=causal)
+    row_offset = lse - pallas_tiles.alibi_query_term(slope, q_pos, origin=origin, causal=causal)
     delta = tiles.load_vector(delta_buffers.at[warpgroup], tiles.ROWS)
 
     def visit(step, dq, *, masked: bool):
@@ -147,13 +147,8 @@ def _dq_kernel(*refs, segments: bool, causal: bool, scale: float, block_k: int):
         (q_smem, tiles.transposed(k_smem)), (d_out_smem, tiles.transposed(v_smem)), shape=(block_q, block_k)
       )
       stream.release(1, slot)
-      k_segment = None
-      if segments:
-        stream.wait(2, slot)
-        k_segment = tiles.load_vector(stream.slots[2].at[slot], tiles.COLUMNS)
-        stream.release(2, slot)
-      frame = tiles.TileFrame(
-        q_pos, tiles.positions(step * block_k, block_k, tiles.COLUMNS), q_segment, k_segment, slope, origin, True
+      frame = tiles.key_step_frame(
+        stream, slot, step, block_k=block_k, q_pos=q_pos, q_segment=q_segment, slope=slope, origin=origin
       )
       s = frame.scores(qk, scale=scale, causal=causal, masked=masked)
       p = jnp.exp2(s - tiles.rows(row_offset, s.shape))
@@ -288,7 +283,7 @@ def _dkv_kernel(*refs, segments: bool, causal: bool, scale: float, block_q: int)
       stream.wait(delta_vector, slot)
       delta = tiles.load_vector(stream.slots[delta_vector].at[slot], tiles.COLUMNS)
       stream.release(delta_vector, slot)
-      column_offset = lse - tiles.alibi_query_term(slope, q_pos, origin, causal=causal)
+      column_offset = lse - pallas_tiles.alibi_query_term(slope, q_pos, origin=origin, causal=causal)
       p_t = jnp.exp2(s_t - tiles.columns(column_offset, s_t.shape))
       ds_t = p_t * (dp_t - tiles.columns(delta, dp_t.shape))
       # dV += P^T dO and dK += dS^T Q, issued together.
