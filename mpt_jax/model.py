@@ -23,7 +23,7 @@ from flax import nnx
 
 from mpt_jax import ops, sharding
 from mpt_jax.alibi import alibi_slopes
-from mpt_jax.attention import MeshAxes, dot_product_attention
+from mpt_jax.attention import MeshAxes, cached_attention, dot_product_attention
 from mpt_jax.config import MPTConfig
 
 # How mpt_jax.sharding splits activations, for kernels that run per device under jax.shard_map.
@@ -128,20 +128,22 @@ class Attention(nnx.Module):
       q = self.q_ln(q.reshape(*q.shape[:2], -1)).reshape(q.shape)
       k = self.k_ln(k.reshape(*k.shape[:2], -1)).reshape(k.shape)
     slopes = alibi_slopes(c.n_heads, c.alibi_bias_max, c.alibi_slope_rule)
-    if cache is not None:  # the queries attend to the whole cache, at their positions
-      cache = k, v = tuple(_write_cache(old, new, position) for old, new in zip(cache, (k, v)))
-    out = dot_product_attention(
-      q,
-      k,
-      v,
-      slopes=slopes,
-      segment_ids=segment_ids,
-      causal=True,
-      scale=c.softmax_scale,
-      impl=c.attn_impl,
-      q_offset=position,
-      axes=_KERNEL_AXES,
-    )
+    if cache is None:
+      out = dot_product_attention(
+        q,
+        k,
+        v,
+        slopes=slopes,
+        segment_ids=segment_ids,
+        causal=True,
+        scale=c.softmax_scale,
+        impl=c.attn_impl,
+        axes=_KERNEL_AXES,
+      )
+    else:  # the queries attend to the whole cache, at their positions
+      out, cache = cached_attention(
+        q, k, v, cache, slopes=slopes, position=position, scale=c.softmax_scale, impl=c.attn_impl
+      )
     return _project_out(out, self.out_proj[...].astype(c.dtype)), cache
 
 
@@ -157,15 +159,6 @@ def _project_out(out, weight):
     return jnp.einsum("BTNH,NHD->BTD", out, weight)
   rows = jnp.concatenate([out.reshape(1, -1), jnp.zeros((1, out[0, 0].size), out.dtype)])  # [2, N*H]
   return (rows @ weight.reshape(rows.shape[1], -1))[:1].reshape(*out.shape[:2], -1)
-
-
-def _write_cache(cache, new, position):
-  """cache [B, S, N, H] with new [B, T, N, H] written at ``position``: one offset, or one per row."""
-  new = new.astype(cache.dtype)
-  if jnp.ndim(position) == 0:
-    return jax.lax.dynamic_update_slice_in_dim(cache, new, position, axis=1)
-  write_row = lambda row, new_row, at: jax.lax.dynamic_update_slice_in_dim(row, new_row, at, axis=0)
-  return jax.vmap(write_row)(cache, new, position)
 
 
 class MLP(nnx.Module):

@@ -1,5 +1,6 @@
 """Single-query cache attention (attention/decode.py, and the Pallas kernel pallas_decode.py:
-compiled on a GPU, interpreted elsewhere) against the reference at the same query position."""
+compiled on a GPU, interpreted elsewhere) against the reference at the same query position,
+and the kernel that also writes the new key and value into the cache."""
 
 import functools
 
@@ -8,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mpt_jax import attention
 from mpt_jax.alibi import alibi_slopes
 from mpt_jax.attention import decode, pallas_decode, reference
 
@@ -88,11 +90,57 @@ def test_shapes_are_checked(decoder):
 
 
 def test_generation_takes_the_kernel_on_a_gpu_unless_told_xla(monkeypatch):
-  from mpt_jax import attention
-
   q, k = jnp.zeros((1, 1, 4, 16)), jnp.zeros((1, 9, 4, 16))
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert attention._decode_kernel_applies(q, k, "auto")
   assert not attention._decode_kernel_applies(q, k, "xla")
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
   assert not attention._decode_kernel_applies(q, k, "auto")
+
+
+def _cache_step(seed, dtype, batch=3, cache_length=37, heads=5, head_dim=16):
+  """q, new k and v [B, 1, N, H], a cache (k, v [B, S, N, H]) and per-row positions, first and last included."""
+  k_q, k_k, k_v, k_ck, k_cv = jax.random.split(jax.random.key(seed), 5)
+  step = [jax.random.normal(key, (batch, 1, heads, head_dim)).astype(dtype) for key in (k_q, k_k, k_v)]
+  cache = tuple(jax.random.normal(key, (batch, cache_length, heads, head_dim)).astype(dtype) for key in (k_ck, k_cv))
+  return (*step, cache, jnp.array([0, cache_length // 2, cache_length - 1])[:batch])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+def test_the_writing_kernel_equals_a_cache_write_then_attention(dtype):
+  q, k_new, v_new, (k_cache, v_cache), position = _cache_step(4, dtype)
+  slopes = alibi_slopes(q.shape[2])
+  expected_cache = [decode.write_cache(old, new, position) for old, new in ((k_cache, k_new), (v_cache, v_new))]
+  expected = decode.attention(q, *expected_cache, slopes=slopes, q_offset=position, scale=0.3)
+  out, *cache = pallas_decode.write_and_attend(
+    q,
+    k_new,
+    v_new,
+    k_cache,
+    v_cache,
+    slopes=slopes,
+    q_offset=position,
+    scale=0.3,
+    interpret=DECODERS["pallas"].keywords["interpret"],
+  )
+  for written, want in zip(cache, expected_cache):
+    np.testing.assert_array_equal(np.asarray(written, np.float32), np.asarray(want, np.float32))
+  assert out.shape == q.shape and out.dtype == q.dtype
+  np.testing.assert_allclose(
+    np.asarray(out, np.float32), np.asarray(expected, np.float32), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype]
+  )
+
+
+def test_cached_attention_gives_the_same_on_the_kernel_and_the_xla_path(monkeypatch):
+  q, k_new, v_new, cache, position = _cache_step(5, jnp.float32)
+  kwargs = dict(slopes=alibi_slopes(q.shape[2]), position=position)
+  expected_out, expected_cache = attention.cached_attention(q, k_new, v_new, cache, impl="xla", **kwargs)
+  written = []
+  kernel = functools.partial(pallas_decode.write_and_attend, interpret=DECODERS["pallas"].keywords["interpret"])
+  monkeypatch.setattr(attention, "_decode_kernel_applies", lambda q, k, impl: True)
+  monkeypatch.setattr(pallas_decode, "write_and_attend", lambda *a, **kw: written.append(1) or kernel(*a, **kw))
+  out, cache = attention.cached_attention(q, k_new, v_new, cache, **kwargs)
+  assert written, "the kernel path was not taken"
+  np.testing.assert_allclose(out, expected_out, rtol=1e-5, atol=1e-5)
+  for got, want in zip(cache, expected_cache):
+    np.testing.assert_array_equal(got, want)

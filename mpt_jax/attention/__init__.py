@@ -91,6 +91,24 @@ def dot_product_attention(
   raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
 
 
+def cached_attention(q, k, v, cache, *, slopes, position, scale=None, impl="auto"):
+  """Writes k, v [B, T, N, H] into ``cache`` (its k, v [B, S, N, H]) at ``position`` (a scalar or
+  int [B]), then attends q there over the whole cache, causally; returns (out [B, T, N, H], cache).
+
+  One query per row on a GPU (outside a mesh, ``impl`` not "xla") is one Pallas kernel for
+  both (pallas_decode.write_and_attend); otherwise decode.write_cache, then
+  ``dot_product_attention`` with ``q_offset=position``.
+  """
+  k_cache, v_cache = cache
+  if q.shape[1] == 1 and _decode_kernel_applies(q, k_cache, impl):
+    out, k_cache, v_cache = pallas_decode.write_and_attend(
+      q, k, v, k_cache, v_cache, slopes=slopes, q_offset=position, scale=scale
+    )
+    return out, (k_cache, v_cache)
+  cache = tuple(decode.write_cache(old, new, position) for old, new in zip(cache, (k, v)))
+  return dot_product_attention(q, *cache, slopes=slopes, scale=scale, impl=impl, q_offset=position), cache
+
+
 # Pallas kernels by impl name: (flash_attention, the platform they compile for).
 _KERNELS = {
   "pallas_mosaic_gpu": (pallas_mosaic_gpu.flash_attention, "gpu"),

@@ -40,6 +40,15 @@ def attention(q, k, v, *, slopes, q_offset, scale=None):
   return out[:, None].astype(q.dtype)
 
 
+def write_cache(cache, new, position):
+  """cache [B, S, N, H] with new [B, T, N, H] written at ``position``: one offset, or one per row."""
+  new = new.astype(cache.dtype)
+  if jnp.ndim(position) == 0:
+    return jax.lax.dynamic_update_slice_in_dim(cache, new, position, axis=1)
+  write_row = lambda row, new_row, at: jax.lax.dynamic_update_slice_in_dim(row, new_row, at, axis=0)
+  return jax.vmap(write_row)(cache, new, position)
+
+
 def check_shapes(q, k, v) -> None:
   """Raises ValueError unless q is [B, 1, N, H] and k, v are [B, S, N, H]."""
   if q.ndim != 4 or q.shape[1] != 1 or k.shape != v.shape or q.shape[::2] != k.shape[::2] or q.shape[3] != k.shape[3]:

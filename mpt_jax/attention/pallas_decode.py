@@ -41,47 +41,104 @@ def attention(q, k, v, *, slopes, q_offset, scale=None, interpret=False):
     [B, 1, N, H] in q's dtype.
   """
   decode.check_shapes(q, k, v)
+  return _call(q, k, v, slopes, q_offset, None, scale=scale, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "interpret"))
+def write_and_attend(q, k_new, v_new, k_cache, v_cache, *, slopes, q_offset, scale=None, interpret=False):
+  """``decode.write_cache`` of k_new, v_new at q_offset, then ``attention``, in one kernel.
+
+  Each program writes its (row, head)'s new key and value into the caches (aliased to the
+  outputs, so in place inside a compiled decode loop) and uses them for the query's own
+  position from registers, so no XLA scatter and select run beside the kernel.
+
+  Args: q, k_new, v_new [B, 1, N, H]; k_cache, v_cache [B, S, N, H]; the rest as ``attention``.
+
+  Returns:
+    (out [B, 1, N, H] in q's dtype, k_cache, v_cache).
+  """
+  decode.check_shapes(q, k_cache, v_cache)
+  if k_new.shape != q.shape or v_new.shape != q.shape:
+    raise ValueError(f"expected new keys and values shaped like q {q.shape}; got {k_new.shape=} {v_new.shape=}")
+  new = (k_new.astype(k_cache.dtype), v_new.astype(v_cache.dtype))
+  return _call(q, k_cache, v_cache, slopes, q_offset, new, scale=scale, interpret=interpret)
+
+
+def _call(q, k, v, slopes, q_offset, new, *, scale, interpret):
+  """The pallas_call of ``attention`` (new None) or ``write_and_attend`` (new: the [B, 1, N, H] key and value)."""
   batch, seq_len, heads, head_dim = k.shape
   offsets = jnp.broadcast_to(jnp.reshape(jnp.asarray(q_offset, jnp.int32), (-1,)), (batch,))
   scale = head_dim**-0.5 if scale is None else scale
   row_spec = pl.BlockSpec((None, None, None, head_dim), lambda b, h: (b, 0, h, 0))
   cache_spec = pl.BlockSpec((None, seq_len, None, head_dim), lambda b, h: (b, 0, h, 0))
+  out_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
+  operands = [q, k, v, jnp.asarray(slopes, jnp.float32), offsets]
+  in_specs = [
+    row_spec,
+    cache_spec,
+    cache_spec,
+    pl.BlockSpec((None,), lambda b, h: (h,)),
+    pl.BlockSpec((None,), lambda b, h: (b,)),
+  ]
+  out_shapes, out_specs, aliases = out_shape, row_spec, {}
+  if new is not None:
+    operands += new
+    in_specs += [row_spec, row_spec]
+    out_shapes, out_specs = (out_shape, k, v), (row_spec, cache_spec, cache_spec)
+    aliases = {1: 1, 2: 2}  # k, v -> the written caches
   return pl.pallas_call(
     functools.partial(_kernel, scale=scale, block_k=min(BLOCK_K, pl.next_power_of_2(seq_len))),
     grid=(batch, heads),
-    in_specs=[
-      row_spec,
-      cache_spec,
-      cache_spec,
-      pl.BlockSpec((None,), lambda b, h: (h,)),
-      pl.BlockSpec((None,), lambda b, h: (b,)),
-    ],
-    out_specs=row_spec,
-    out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+    in_specs=in_specs,
+    out_specs=out_specs,
+    out_shape=out_shapes,
+    input_output_aliases=aliases,
     compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
     interpret=interpret,
     name="alibi_decode_attention",
-  )(q, k, v, jnp.asarray(slopes, jnp.float32), offsets)
+  )(*operands)
 
 
-def _kernel(q_ref, k_ref, v_ref, slope_ref, offset_ref, out_ref, *, scale: float, block_k: int):
-  """One (row, head): q_ref [H]; k_ref, v_ref [S, H]; the slope and the query position as scalars."""
+def _kernel(q_ref, k_ref, v_ref, slope_ref, offset_ref, *refs, scale: float, block_k: int):
+  """One (row, head): q_ref [H]; k_ref, v_ref [S, H]; the slope and the query position as scalars.
+
+  ``refs``: out_ref [H]; or k_new_ref, v_new_ref [H], then out_ref and the written caches
+  k_out_ref, v_out_ref [S, H] (the same buffers as k_ref, v_ref).
+  """
+  new = None
+  if len(refs) == 1:
+    (out_ref,) = refs
+  else:
+    k_new_ref, v_new_ref, out_ref, k_out_ref, v_out_ref = refs
+    new = k_new_ref[...], v_new_ref[...]
   q = q_ref[...].astype(jnp.float32) * (scale * tiles.LOG2E)
   q_pos = offset_ref[...]
   slope = slope_ref[...] * tiles.LOG2E
+  if new is not None:
+    # As a dynamic_update_slice, a position past the cache writes its last entry.
+    at = jnp.minimum(q_pos, k_ref.shape[0] - 1)
+    for cache_out, value in zip((k_out_ref, v_out_ref), new):
+      tiles.store(cache_out.at[pl.ds(at, 1)], value[None, :])
+
+  def cache_block(ref, start, keep, k_pos, new_value):
+    """The cache rows [start, start + block_k) (masked rows read as zeros), with the new row at the query's position."""
+    block = tiles.load(ref.at[pl.ds(start, block_k)], keep)
+    if new is None:
+      return block
+    return jnp.where((k_pos == q_pos)[:, None], new_value[None, :], block)
 
   def visit(block, carry):
     acc, row_max, row_sum = carry
     start = block * block_k
     k_pos = start + jnp.arange(block_k, dtype=jnp.int32)
     keep = masks.keep_mask(q_pos, k_pos, causal=True)  # also keeps loads inside the cache
-    k = tiles.load(k_ref.at[pl.ds(start, block_k)], keep)
+    k = cache_block(k_ref, start, keep, k_pos, None if new is None else new[0])
     bias = masks.alibi_bias(slope, q_pos, k_pos, causal=True)
     s = jnp.where(keep, jnp.sum(k.astype(jnp.float32) * q[None, :], axis=1) + bias, masks.MASK_VALUE)
     new_max = jnp.maximum(row_max, s.max())
     rescale = jnp.exp2(row_max - new_max)
     p = jnp.exp2(s - new_max)
-    v = tiles.load(v_ref.at[pl.ds(start, block_k)], keep)
+    v = cache_block(v_ref, start, keep, k_pos, None if new is None else new[1])
     weighted = p.astype(v.dtype).astype(jnp.float32)[:, None] * v.astype(jnp.float32)
     return acc * rescale + jnp.sum(weighted, axis=0), new_max, row_sum * rescale + p.sum()
 
