@@ -122,28 +122,32 @@ class Attention(nnx.Module):
     qkv = jnp.einsum("BTD,DCNH->BTCNH", x, self.qkv_proj[...].astype(c.dtype))
     if c.attn_clip_qkv is not None:
       qkv = jnp.clip(qkv, -c.attn_clip_qkv, c.attn_clip_qkv)
+    slopes = alibi_slopes(c.n_heads, c.alibi_bias_max, c.alibi_slope_rule)
+    if cache is not None:  # decoding: q, k and v stay in qkv; the queries attend to the whole cache
+      if c.attn_qk_ln:
+        parts = qkv.reshape(*qkv.shape[:3], -1)  # [B, T, 3, D]
+        scales = (self.q_ln.scale[...], self.k_ln.scale[...])
+        qkv = ops.layer_norm_parts(parts, scales, self.q_ln.eps, self.q_ln.impl).reshape(qkv.shape)
+      out, cache = cached_attention(
+        qkv, cache, slopes=slopes, position=position, scale=c.softmax_scale, impl=c.attn_impl
+      )
+      return _project_out(out, self.out_proj[...].astype(c.dtype)), cache
     # split, not three slices: its transpose is one concatenate, not three pads and two adds.
     q, k, v = (part.squeeze(2) for part in jnp.split(qkv, 3, axis=2))  # [B, T, N, H]
     if c.attn_qk_ln:
       q = self.q_ln(q.reshape(*q.shape[:2], -1)).reshape(q.shape)
       k = self.k_ln(k.reshape(*k.shape[:2], -1)).reshape(k.shape)
-    slopes = alibi_slopes(c.n_heads, c.alibi_bias_max, c.alibi_slope_rule)
-    if cache is None:
-      out = dot_product_attention(
-        q,
-        k,
-        v,
-        slopes=slopes,
-        segment_ids=segment_ids,
-        causal=True,
-        scale=c.softmax_scale,
-        impl=c.attn_impl,
-        axes=_KERNEL_AXES,
-      )
-    else:  # the queries attend to the whole cache, at their positions
-      out, cache = cached_attention(
-        q, k, v, cache, slopes=slopes, position=position, scale=c.softmax_scale, impl=c.attn_impl
-      )
+    out = dot_product_attention(
+      q,
+      k,
+      v,
+      slopes=slopes,
+      segment_ids=segment_ids,
+      causal=True,
+      scale=c.softmax_scale,
+      impl=c.attn_impl,
+      axes=_KERNEL_AXES,
+    )
     return _project_out(out, self.out_proj[...].astype(c.dtype)), cache
 
 

@@ -47,6 +47,21 @@ def layer_norm(x, scale, eps: float, dtype, impl: str = "auto", batch_axes: tupl
   return _layer_norm_fwd(x, scale, eps, dtype, impl, batch_axes)[0]
 
 
+def layer_norm_parts(x, scales, eps: float, impl: str = "auto"):
+  """x [..., P, D] with parts g < len(scales) replaced by ``layer_norm(x[..., g, :], scales[g])``, in x's dtype.
+
+  For decoding, no gradient: the query and key LayerNorms of a fused QKV product [..., 3, D]
+  in one Pallas kernel that reads and writes them where they lie, where ``layer_norm`` would
+  need q and k sliced into buffers of their own first (two copy kernels, then two
+  LayerNorms). The kernel where ``layer_norm`` takes its kernels, outside a mesh; elsewhere
+  ``layer_norm`` (impl "xla") on each part.
+  """
+  if _kernels(x, impl, ()) and jax.sharding.get_abstract_mesh().empty:
+    return pallas_layer_norm.normalize_parts(x, tuple(scales), eps=eps, interpret=_interpret())
+  normalized = [layer_norm(x[..., g, :], scale, eps, x.dtype, "xla") for g, scale in enumerate(scales)]
+  return jnp.concatenate([jnp.stack(normalized, axis=-2), x[..., len(scales) :, :]], axis=-2)
+
+
 @jax.named_scope("layer_norm")
 def _layer_norm_fwd(x, scale, eps, dtype, impl, batch_axes):
   if _kernels(x, impl, batch_axes):

@@ -14,6 +14,10 @@ as many as divide the count (one row when decoding one sequence, so a batch-1 de
 normalizes in one kernel rather than XLA's two reductions and an elementwise pass). D must
 be a power of two (Triton blocks), which every MPT width is. ``ops.layer_norm`` uses these kernels on GPUs and the same maths in XLA
 elsewhere; ``interpret=True`` runs them in the Pallas interpreter (tests).
+
+``normalize_parts`` is the forward for rows made of parts (the query, key and value of a
+fused QKV product): it normalizes some parts in place, each with its own scale, so decoding
+needs no copies of q and k sliced out first (``ops.layer_norm_parts``).
 """
 
 import functools
@@ -80,14 +84,55 @@ def backward(x, scale, mean, rstd, dy, *, interpret: bool = False):
   return dx.reshape(x.shape), jnp.sum(dscale_rows, axis=0).astype(scale.dtype)
 
 
-def _forward_kernel(x_ref, scale_ref, y_ref, mean_ref, rstd_ref, *, eps: float):
+@functools.partial(jax.jit, static_argnames=("eps", "interpret"))
+def normalize_parts(x, scales, *, eps: float, interpret: bool = False):
+  """x [..., P, D] with parts g < len(scales) replaced by their LayerNorm times scales[g] [D].
+
+  Written over x (the output aliases it, so in place where x is not needed afterwards) in
+  x's dtype; the other parts are left as they are. A grid of (row blocks, normalized parts).
+  """
+  *leading, parts, width = x.shape
+  rows = math.prod(leading)
+  block_rows = _block_rows(rows)
+  part_spec = pl.BlockSpec((block_rows, None, width), lambda i, g: (i, g, 0))
+  y = pl.pallas_call(
+    functools.partial(_parts_kernel, eps=eps),
+    grid=(rows // block_rows, len(scales)),
+    in_specs=[part_spec, *[pl.BlockSpec((width,), lambda i, g: (0,))] * len(scales)],
+    out_specs=part_spec,
+    out_shape=jax.ShapeDtypeStruct((rows, parts, width), x.dtype),
+    input_output_aliases={0: 0},
+    compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+    interpret=interpret,
+    name="layer_norm_parts",
+  )(x.reshape(rows, parts, width), *scales)
+  return y.reshape(x.shape)
+
+
+def _normalized(x_ref, scale, *, eps: float):
+  """(LayerNorm of the rows of x_ref times scale, float32 [R, D]; mean [R]; 1/std [R])."""
   x = x_ref[...].astype(jnp.float32)  # [R, D]
   mean = jnp.mean(x, axis=1)
   centered = x - mean[:, None]
   rstd = jax.lax.rsqrt(jnp.mean(centered * centered, axis=1) + eps)
-  y_ref[...] = (centered * rstd[:, None] * scale_ref[...].astype(jnp.float32)[None, :]).astype(y_ref.dtype)
+  return centered * rstd[:, None] * scale.astype(jnp.float32)[None, :], mean, rstd
+
+
+def _forward_kernel(x_ref, scale_ref, y_ref, mean_ref, rstd_ref, *, eps: float):
+  y, mean, rstd = _normalized(x_ref, scale_ref[...], eps=eps)
+  y_ref[...] = y.astype(y_ref.dtype)
   mean_ref[...] = mean
   rstd_ref[...] = rstd
+
+
+def _parts_kernel(x_ref, *refs, eps: float):
+  """Part ``program_id(1)`` of a block of rows: x_ref, y_ref [R, D]; refs: each part's scale [D], then y_ref."""
+  *scale_refs, y_ref = refs
+  part = pl.program_id(1)
+  scale = scale_refs[0][...]
+  for g, scale_ref in enumerate(scale_refs[1:], start=1):
+    scale = jnp.where(part == g, scale_ref[...], scale)
+  y_ref[...] = _normalized(x_ref, scale, eps=eps)[0].astype(y_ref.dtype)
 
 
 def _backward_kernel(x_ref, scale_ref, mean_ref, rstd_ref, dy_ref, dx_ref, dscale_ref):

@@ -113,9 +113,7 @@ def test_the_writing_kernel_equals_a_cache_write_then_attention(dtype):
   expected_cache = [decode.write_cache(old, new, position) for old, new in ((k_cache, k_new), (v_cache, v_new))]
   expected = decode.attention(q, *expected_cache, slopes=slopes, q_offset=position, scale=0.3)
   out, *cache = pallas_decode.write_and_attend(
-    q,
-    k_new,
-    v_new,
+    jnp.stack([q, k_new, v_new], axis=2),
     k_cache,
     v_cache,
     slopes=slopes,
@@ -133,13 +131,14 @@ def test_the_writing_kernel_equals_a_cache_write_then_attention(dtype):
 
 def test_cached_attention_gives_the_same_on_the_kernel_and_the_xla_path(monkeypatch):
   q, k_new, v_new, cache, position = _cache_step(5, jnp.float32)
+  qkv = jnp.stack([q, k_new, v_new], axis=2)
   kwargs = dict(slopes=alibi_slopes(q.shape[2]), position=position)
-  expected_out, expected_cache = attention.cached_attention(q, k_new, v_new, cache, impl="xla", **kwargs)
+  expected_out, expected_cache = attention.cached_attention(qkv, cache, impl="xla", **kwargs)
   written = []
   kernel = functools.partial(pallas_decode.write_and_attend, interpret=DECODERS["pallas"].keywords["interpret"])
   monkeypatch.setattr(attention, "_decode_kernel_applies", lambda q, k, impl: True)
   monkeypatch.setattr(pallas_decode, "write_and_attend", lambda *a, **kw: written.append(1) or kernel(*a, **kw))
-  out, cache = attention.cached_attention(q, k_new, v_new, cache, **kwargs)
+  out, cache = attention.cached_attention(qkv, cache, **kwargs)
   assert written, "the kernel path was not taken"
   np.testing.assert_allclose(out, expected_out, rtol=1e-5, atol=1e-5)
   for got, want in zip(cache, expected_cache):

@@ -2,6 +2,7 @@
 batches, EOS, top-k / top-p sampling, bad input, and the sampling CLI."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +11,9 @@ import pytest
 import torch
 from flax import nnx
 
-from mpt_jax import MPTConfig, MPTForCausalLM, checkpoint, model_folder
+from mpt_jax import MPTConfig, MPTForCausalLM, attention, checkpoint, model_folder
 from mpt_jax import generate as generate_module
+from mpt_jax.attention import pallas_decode
 from mpt_jax.generate import Generator, generate, sample_logits
 
 CONFIG = MPTConfig(d_model=32, n_heads=4, n_layers=2, max_seq_len=24, vocab_size=53, dtype="float32", attn_impl="xla")
@@ -35,10 +37,23 @@ def _prompts(seed, lengths, vocab=50277):
   return [np.asarray(jax.random.randint(k, (n,), 0, vocab), np.int32) for k, n in zip(keys, lengths)]
 
 
-@pytest.mark.parametrize("scan_layers", [True, False], ids=lambda s: f"scan={s}")
-def test_cached_decode_equals_the_full_forward(scan_layers):
-  """A prompt prefilled at once, then tokens one by one, give the logits of one full pass."""
-  model = MPTForCausalLM(dataclasses.replace(CONFIG, scan_layers=scan_layers), rngs=nnx.Rngs(4))
+@pytest.mark.parametrize(
+  "scan_layers, gpu_kernels", [(True, False), (False, False), (False, True)], ids=["scan", "layers", "gpu-kernels"]
+)
+def test_cached_decode_equals_the_full_forward(scan_layers, gpu_kernels, monkeypatch):
+  """A prompt prefilled at once, then tokens one by one, give the logits of one full pass.
+
+  ``gpu_kernels``: as decoding runs on a GPU (interpreted here): the Pallas LayerNorms, the
+  query and key LayerNorm written over the fused QKV product, and the decode kernel that
+  writes the cache and attends, reading q, k and v out of that product.
+  """
+  config = dataclasses.replace(CONFIG, scan_layers=scan_layers)
+  if gpu_kernels:
+    config = dataclasses.replace(config, norm_impl="pallas")
+    kernel = functools.partial(pallas_decode.write_and_attend, interpret=True)
+    monkeypatch.setattr(attention, "_decode_kernel_applies", lambda q, k, impl: True)
+    monkeypatch.setattr(pallas_decode, "write_and_attend", kernel)
+  model = MPTForCausalLM(config, rngs=nnx.Rngs(4))
   ids = jax.random.randint(jax.random.key(5), (3, 13), 0, CONFIG.vocab_size)
   cache = model.init_cache(3, 20)  # longer than used: the unwritten tail must stay masked
   logits, cache = model.decode(ids[:, :6], cache, 0)

@@ -76,6 +76,23 @@ def test_pallas_layer_norm_kernels_match_the_xla_layer_norm(dtype, shape):
     assert _rel_err(got, expected) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("rows", [(1, 1), (2, 3)], ids=str)  # a decoding step at batch 1; a prompt
+def test_layer_norm_parts_normalizes_the_first_parts_each_with_its_scale(rows, impl):
+  """The query and key LayerNorms of a fused [..., 3, D] QKV product, the value left as it is
+  (the Pallas kernel interpreted here; on a GPU it writes over its input)."""
+  k_x, k_q, k_k = jax.random.split(jax.random.key(7), 3)
+  qkv = (2.0 * jax.random.normal(k_x, (*rows, 3, 64)) - 0.7).astype(jnp.bfloat16)
+  scales = tuple(1.0 + 0.3 * jax.random.normal(key, (64,)) for key in (k_q, k_k))
+  got = ops.layer_norm_parts(qkv, scales, 1e-5, impl)
+  assert got.dtype == qkv.dtype and got.shape == qkv.shape
+  for part, scale in enumerate(scales):
+    expected = ops.layer_norm(qkv[..., part, :], scale, 1e-5, jnp.bfloat16, "xla")
+    np.testing.assert_allclose(np.asarray(got[..., part, :], np.float32), np.asarray(expected, np.float32), atol=1e-2)
+    assert _rel_err(got[..., part, :], expected) < TOLERANCE[jnp.bfloat16]
+  np.testing.assert_array_equal(np.asarray(got[..., 2, :]), np.asarray(qkv[..., 2, :]))
+
+
 def test_pallas_layer_norm_runs_per_device_under_a_mesh():
   """Under a (data, fsdp) mesh each device normalizes its rows; d scale sums over all of them."""
   if jax.device_count() < 8:

@@ -91,18 +91,21 @@ def dot_product_attention(
   raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
 
 
-def cached_attention(q, k, v, cache, *, slopes, position, scale=None, impl="auto"):
-  """Writes k, v [B, T, N, H] into ``cache`` (its k, v [B, S, N, H]) at ``position`` (a scalar or
-  int [B]), then attends q there over the whole cache, causally; returns (out [B, T, N, H], cache).
+def cached_attention(qkv, cache, *, slopes, position, scale=None, impl="auto"):
+  """Writes the keys and values of qkv into ``cache`` at ``position``, then attends its queries
+  there over the whole cache, causally; returns (out [B, T, N, H], cache).
 
-  One query per row on a GPU (outside a mesh, ``impl`` not "xla") is one Pallas kernel for
-  both (pallas_decode.write_and_attend); otherwise decode.write_cache, then
-  ``dot_product_attention`` with ``q_offset=position``.
+  qkv [B, T, 3, N, H]: queries, keys and values (after QK-LN); cache: k, v [B, S, N, H];
+  position: a scalar or int [B]. One query per row on a GPU (outside a mesh, ``impl`` not
+  "xla") is one Pallas kernel for both (pallas_decode.write_and_attend), reading q, k and v
+  where they lie in qkv; otherwise decode.write_cache, then ``dot_product_attention`` with
+  ``q_offset=position``.
   """
   k_cache, v_cache = cache
-  if q.shape[1] == 1 and _decode_kernel_applies(q, k_cache, impl):
+  q, k, v = (qkv[:, :, part] for part in range(3))
+  if qkv.shape[1] == 1 and _decode_kernel_applies(q, k_cache, impl):
     out, k_cache, v_cache = pallas_decode.write_and_attend(
-      q, k, v, k_cache, v_cache, slopes=slopes, q_offset=position, scale=scale
+      qkv, k_cache, v_cache, slopes=slopes, q_offset=position, scale=scale
     )
     return out, (k_cache, v_cache)
   cache = tuple(decode.write_cache(old, new, position) for old, new in zip(cache, (k, v)))

@@ -41,37 +41,49 @@ def attention(q, k, v, *, slopes, q_offset, scale=None, interpret=False):
     [B, 1, N, H] in q's dtype.
   """
   decode.check_shapes(q, k, v)
-  return _call(q, k, v, slopes, q_offset, None, scale=scale, interpret=interpret)
+  row_spec = pl.BlockSpec((None, None, None, q.shape[-1]), lambda b, h: (b, 0, h, 0))
+  return _call([(q, row_spec)], k, v, slopes, q_offset, scale=scale, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "interpret"))
-def write_and_attend(q, k_new, v_new, k_cache, v_cache, *, slopes, q_offset, scale=None, interpret=False):
-  """``decode.write_cache`` of k_new, v_new at q_offset, then ``attention``, in one kernel.
+def write_and_attend(qkv, k_cache, v_cache, *, slopes, q_offset, scale=None, interpret=False):
+  """``decode.write_cache`` of the step's key and value at q_offset, then ``attention``, in one kernel.
 
   Each program writes its (row, head)'s new key and value into the caches (aliased to the
   outputs, so in place inside a compiled decode loop) and uses them for the query's own
-  position from registers, so no XLA scatter and select run beside the kernel.
+  position from registers, so no XLA scatter and select run beside the kernel. The query,
+  key and value are read where they lie in the fused QKV product, not sliced out first.
 
-  Args: q, k_new, v_new [B, 1, N, H]; k_cache, v_cache [B, S, N, H]; the rest as ``attention``.
+  Args: qkv [B, 1, 3, N, H], the step's query, key and value; k_cache, v_cache [B, S, N, H];
+    the rest as ``attention``.
 
   Returns:
-    (out [B, 1, N, H] in q's dtype, k_cache, v_cache).
+    (out [B, 1, N, H] in qkv's dtype, k_cache, v_cache).
   """
-  decode.check_shapes(q, k_cache, v_cache)
-  if k_new.shape != q.shape or v_new.shape != q.shape:
-    raise ValueError(f"expected new keys and values shaped like q {q.shape}; got {k_new.shape=} {v_new.shape=}")
-  new = (k_new.astype(k_cache.dtype), v_new.astype(v_cache.dtype))
-  return _call(q, k_cache, v_cache, slopes, q_offset, new, scale=scale, interpret=interpret)
+  if qkv.ndim != 5 or qkv.shape[2] != 3:
+    raise ValueError(f"qkv must be [B, 1, 3, N, H], got {qkv.shape}")
+  decode.check_shapes(qkv[:, :, 0], k_cache, v_cache)
+  rows = [(qkv, _part_spec(part, qkv.shape[-1])) for part in range(3)]
+  return _call(rows, k_cache, v_cache, slopes, q_offset, scale=scale, interpret=interpret)
 
 
-def _call(q, k, v, slopes, q_offset, new, *, scale, interpret):
-  """The pallas_call of ``attention`` (new None) or ``write_and_attend`` (new: the [B, 1, N, H] key and value)."""
+def _part_spec(part: int, head_dim: int) -> pl.BlockSpec:
+  """The BlockSpec of one (row, head)'s [H] vector in part ``part`` of a [B, 1, 3, N, H] array."""
+  return pl.BlockSpec((None, None, None, None, head_dim), lambda b, h: (b, 0, part, h, 0))
+
+
+def _call(rows, k, v, slopes, q_offset, *, scale, interpret):
+  """The pallas_call of ``attention`` (rows: the query) or ``write_and_attend`` (rows: the
+  query, the new key and the new value); each row operand comes with the BlockSpec that
+  picks one (row, head)'s [H] vector out of it.
+  """
   batch, seq_len, heads, head_dim = k.shape
+  (q, row_spec), *new = rows
   offsets = jnp.broadcast_to(jnp.reshape(jnp.asarray(q_offset, jnp.int32), (-1,)), (batch,))
   scale = head_dim**-0.5 if scale is None else scale
-  row_spec = pl.BlockSpec((None, None, None, head_dim), lambda b, h: (b, 0, h, 0))
+  out_spec = pl.BlockSpec((None, None, None, head_dim), lambda b, h: (b, 0, h, 0))
   cache_spec = pl.BlockSpec((None, seq_len, None, head_dim), lambda b, h: (b, 0, h, 0))
-  out_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
+  out_shape = jax.ShapeDtypeStruct((batch, 1, heads, head_dim), q.dtype)
   operands = [q, k, v, jnp.asarray(slopes, jnp.float32), offsets]
   in_specs = [
     row_spec,
@@ -80,11 +92,11 @@ def _call(q, k, v, slopes, q_offset, new, *, scale, interpret):
     pl.BlockSpec((None,), lambda b, h: (h,)),
     pl.BlockSpec((None,), lambda b, h: (b,)),
   ]
-  out_shapes, out_specs, aliases = out_shape, row_spec, {}
-  if new is not None:
-    operands += new
-    in_specs += [row_spec, row_spec]
-    out_shapes, out_specs = (out_shape, k, v), (row_spec, cache_spec, cache_spec)
+  out_shapes, out_specs, aliases = out_shape, out_spec, {}
+  if new:
+    operands += [array for array, _ in new]
+    in_specs += [spec for _, spec in new]
+    out_shapes, out_specs = (out_shape, k, v), (out_spec, cache_spec, cache_spec)
     aliases = {1: 1, 2: 2}  # k, v -> the written caches
   return pl.pallas_call(
     functools.partial(_kernel, scale=scale, block_k=min(BLOCK_K, pl.next_power_of_2(seq_len))),
@@ -110,7 +122,7 @@ def _kernel(q_ref, k_ref, v_ref, slope_ref, offset_ref, *refs, scale: float, blo
     (out_ref,) = refs
   else:
     k_new_ref, v_new_ref, out_ref, k_out_ref, v_out_ref = refs
-    new = k_new_ref[...], v_new_ref[...]
+    new = k_new_ref[...].astype(k_ref.dtype), v_new_ref[...].astype(v_ref.dtype)
   q = q_ref[...].astype(jnp.float32) * (scale * tiles.LOG2E)
   q_pos = offset_ref[...]
   slope = slope_ref[...] * tiles.LOG2E
