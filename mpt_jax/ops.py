@@ -56,7 +56,7 @@ def layer_norm_parts(x, scales, eps: float, impl: str = "auto"):
   LayerNorms). The kernel where ``layer_norm`` takes its kernels, outside a mesh; elsewhere
   ``layer_norm`` (impl "xla") on each part.
   """
-  if _kernels(x, impl, ()) and jax.sharding.get_abstract_mesh().empty:
+  if _kernels(x, impl) and jax.sharding.get_abstract_mesh().empty:
     return pallas_layer_norm.normalize_parts(x, tuple(scales), eps=eps, interpret=_interpret())
   normalized = [layer_norm(x[..., g, :], scale, eps, x.dtype, "xla") for g, scale in enumerate(scales)]
   return jnp.concatenate([jnp.stack(normalized, axis=-2), x[..., len(scales) :, :]], axis=-2)
@@ -64,7 +64,7 @@ def layer_norm_parts(x, scales, eps: float, impl: str = "auto"):
 
 @jax.named_scope("layer_norm")
 def _layer_norm_fwd(x, scale, eps, dtype, impl, batch_axes):
-  if _kernels(x, impl, batch_axes):
+  if _kernels(x, impl):
     forward = functools.partial(pallas_layer_norm.forward, eps=eps, dtype=dtype, interpret=_interpret())
     y, mean, rstd = _per_device(forward, x, scale, batch_axes=batch_axes, outputs=(x.ndim, x.ndim - 1, x.ndim - 1))
     return y, (x, scale, mean[..., None], rstd[..., None])
@@ -80,7 +80,7 @@ def _layer_norm_bwd(eps, dtype, impl, batch_axes, residuals, dy):
   """dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)) with g = dy * scale; dscale = sum(dy * x_hat)."""
   del eps, dtype
   x, scale, mean, rstd = residuals
-  if _kernels(x, impl, batch_axes):
+  if _kernels(x, impl):
 
     def backward(x, scale, mean, rstd, dy):
       return pallas_layer_norm.backward(x, scale, mean[..., 0], rstd[..., 0], dy, interpret=_interpret())
@@ -94,7 +94,7 @@ def _layer_norm_bwd(eps, dtype, impl, batch_axes, residuals, dy):
   return dx.astype(x.dtype), dscale.astype(scale.dtype)
 
 
-def _kernels(x, impl: str, batch_axes: tuple[str, ...]) -> bool:
+def _kernels(x, impl: str) -> bool:
   """Whether this LayerNorm runs the Pallas kernels (see layer_norm's ``impl``)."""
   if impl not in NORM_IMPLS:
     raise ValueError(f"unknown LayerNorm impl {impl!r}; expected one of {NORM_IMPLS}")

@@ -102,12 +102,12 @@ def cached_attention(qkv, cache, *, slopes, position, scale=None, impl="auto"):
   ``q_offset=position``.
   """
   k_cache, v_cache = cache
-  q, k, v = (qkv[:, :, part] for part in range(3))
-  if qkv.shape[1] == 1 and _decode_kernel_applies(q, k_cache, impl):
+  if qkv.shape[1] == 1 and _decode_kernel_applies(qkv[:, :, 0], k_cache, impl):
     out, k_cache, v_cache = pallas_decode.write_and_attend(
       qkv, k_cache, v_cache, slopes=slopes, q_offset=position, scale=scale
     )
     return out, (k_cache, v_cache)
+  q, k, v = (qkv[:, :, part] for part in range(3))
   cache = tuple(decode.write_cache(old, new, position) for old, new in zip(cache, (k, v)))
   return dot_product_attention(q, *cache, slopes=slopes, scale=scale, impl=impl, q_offset=position), cache
 

@@ -41,8 +41,7 @@ def attention(q, k, v, *, slopes, q_offset, scale=None, interpret=False):
     [B, 1, N, H] in q's dtype.
   """
   decode.check_shapes(q, k, v)
-  row_spec = pl.BlockSpec((None, None, None, q.shape[-1]), lambda b, h: (b, 0, h, 0))
-  return _call([(q, row_spec)], k, v, slopes, q_offset, scale=scale, interpret=interpret)
+  return _call([(q, _row_spec(q.shape[-1]))], k, v, slopes, q_offset, scale=scale, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "interpret"))
@@ -67,6 +66,11 @@ def write_and_attend(qkv, k_cache, v_cache, *, slopes, q_offset, scale=None, int
   return _call(rows, k_cache, v_cache, slopes, q_offset, scale=scale, interpret=interpret)
 
 
+def _row_spec(head_dim: int) -> pl.BlockSpec:
+  """The BlockSpec of one (row, head)'s [H] vector in a [B, 1, N, H] array."""
+  return pl.BlockSpec((None, None, None, head_dim), lambda b, h: (b, 0, h, 0))
+
+
 def _part_spec(part: int, head_dim: int) -> pl.BlockSpec:
   """The BlockSpec of one (row, head)'s [H] vector in part ``part`` of a [B, 1, 3, N, H] array."""
   return pl.BlockSpec((None, None, None, None, head_dim), lambda b, h: (b, 0, part, h, 0))
@@ -81,7 +85,7 @@ def _call(rows, k, v, slopes, q_offset, *, scale, interpret):
   (q, row_spec), *new = rows
   offsets = jnp.broadcast_to(jnp.reshape(jnp.asarray(q_offset, jnp.int32), (-1,)), (batch,))
   scale = head_dim**-0.5 if scale is None else scale
-  out_spec = pl.BlockSpec((None, None, None, head_dim), lambda b, h: (b, 0, h, 0))
+  out_spec = _row_spec(head_dim)
   cache_spec = pl.BlockSpec((None, seq_len, None, head_dim), lambda b, h: (b, 0, h, 0))
   out_shape = jax.ShapeDtypeStruct((batch, 1, heads, head_dim), q.dtype)
   operands = [q, k, v, jnp.asarray(slopes, jnp.float32), offsets]
