@@ -4,7 +4,9 @@ The same function as pallas_triton.py, built from Hopper's own instructions, whi
 Pallas backend does not reach: TMA copies into a ring of shared-memory slots fed by a
 producer warpgroup, wgmma products accumulated in registers, and two consumer warpgroups
 per program that take turns on the tensor cores, so one's softmax overlaps the other's
-matrix products (FlashAttention-3, arXiv:2407.08608, §3.1). pallas_mosaic_gpu_tiles.py holds
+matrix products (FlashAttention-3, arXiv:2407.08608, §3.1). The forward is persistent: one
+program per SM loops over query blocks, loading the next block's queries while it computes
+this one's. pallas_mosaic_gpu_tiles.py holds
 the stream and tile pieces; the backward is in pallas_mosaic_gpu_vjp.py.
 
 Causal and packed-document tiles that are wholly masked are never loaded: each program's
@@ -169,10 +171,12 @@ def _forward(q, k, v, slopes, segment_ids, statics: _Statics):
   stream_tiles = [tiles.matrix_buffer((stages, block_k, head_dim), q.dtype)] * 2
   if segments:
     stream_tiles.append(plgpu.SMEM((stages, block_k), jnp.int32))
+  # Queries (and their segments) are double-buffered by tile parity: each warpgroup loads its
+  # next tile's while it computes this one.
   query_buffers = (
-    tiles.matrix_buffer((tiles.COMPUTE_WARPGROUPS, block_q, head_dim), q.dtype),  # q, then the output
+    tiles.matrix_buffer((2, tiles.COMPUTE_WARPGROUPS, block_q, head_dim), q.dtype),  # q, then the output
     plgpu.SMEM((tiles.COMPUTE_WARPGROUPS, block_q), jnp.float32),  # logsumexp
-    plgpu.SMEM((tiles.COMPUTE_WARPGROUPS, block_q), jnp.int32) if segments else None,  # query segments
+    plgpu.SMEM((2, tiles.COMPUTE_WARPGROUPS, block_q), jnp.int32) if segments else None,  # query segments
   )
   # Persistent (FlashAttention-3's tile scheduler): one program per SM loops over query
   # blocks, so the producer streams the next block's keys while the consumers store the last.
@@ -195,7 +199,7 @@ def _forward(q, k, v, slopes, segment_ids, statics: _Statics):
     ],
     scratch_types=[
       query_buffers,
-      tiles.held_barriers(2),  # query tile and segments loaded
+      tiles.held_barriers(2, buffers=2),  # query tile and segments loaded, per parity
       tiles.Stream.scratch(stream_tiles),
       plgpu.Barrier(num_arrivals=tiles.COMPUTE_WARPGROUPS),  # the consumers' turns on the tensor cores
     ],
@@ -225,7 +229,7 @@ def _forward_kernel(*refs, segments: bool, causal: bool, scale: float, block_k: 
   warpgroup = lax.axis_index(tiles.WARPGROUP_AXIS)
   q_buffers, lse_buffers, q_segment_buffers = query_buffers
   stream = tiles.Stream(*stream_scratch)
-  block_q, head_dim = q_buffers.shape[1:]
+  block_q, head_dim = q_buffers.shape[2:]
   seq_len, heads = k_ref.shape[1:3]
   num_programs = seq_len // (tiles.COMPUTE_WARPGROUPS * block_q)
   num_tiles = num_programs * heads * batch_size
@@ -261,20 +265,32 @@ def _forward_kernel(*refs, segments: bool, causal: bool, scale: float, block_k: 
     plgpu.barrier_arrive(turn)
     plgpu.barrier_wait(turn)
 
+  def load_queries(i):
+    """Starts the copies of this warpgroup's queries (and segments) of tile i into buffer i % 2."""
+    batch, head, program_start, _, _ = tile(i)
+    q_start = program_start + warpgroup * block_q
+    parity = lax.rem(i, 2)
+    copies = [(q_ref.at[batch, pl.ds(q_start, block_q), head], q_buffers.at[parity, warpgroup])]
+    if segments:
+      copies.append((segment_ids_ref.at[batch, pl.ds(q_start, block_q)], q_segment_buffers.at[parity, warpgroup]))
+    tiles.start_copies(copies, q_loaded, parity * tiles.COMPUTE_WARPGROUPS + warpgroup)
+
   def consume_tile(i, base):
     batch, head, program_start, lo, hi = tile(i)
-    q_smem, lse_smem = q_buffers.at[warpgroup], lse_buffers.at[warpgroup]
+    slope = slopes_ref[head]
+    parity = lax.rem(i, 2)
+    q_smem, lse_smem = q_buffers.at[parity, warpgroup], lse_buffers.at[warpgroup]
     q_start = program_start + warpgroup * block_q
     queries = (batch, pl.ds(q_start, block_q), head)
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's output may still be leaving q_smem
-    copies = [(q_ref.at[queries], q_smem)]
-    if segments:
-      copies.append((segment_ids_ref.at[batch, pl.ds(q_start, block_q)], q_segment_buffers.at[warpgroup]))
-    tiles.copy_in(copies, q_loaded, warpgroup)
-    q_segment = tiles.load_vector(q_segment_buffers.at[warpgroup], tiles.ROWS) if segments else None
+    tiles.wait_copies(q_loaded[: 2 if segments else 1], parity * tiles.COMPUTE_WARPGROUPS + warpgroup)
+    q_segment = tiles.load_vector(q_segment_buffers.at[parity, warpgroup], tiles.ROWS) if segments else None
     q_pos = tiles.positions(q_start, block_q, tiles.ROWS)
     origin = q_start.astype(jnp.float32)
-    slope = slopes_ref[head]
+
+    def prefetch():
+      """The next tile's queries, into the buffer whose output the last tile stored a step ago."""
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      load_queries(i + 1)
 
     def visit(step, carry, *, masked: bool):
       acc, row_max, row_sum = carry
@@ -284,10 +300,17 @@ def _forward_kernel(*refs, segments: bool, causal: bool, scale: float, block_k: 
         (q_smem, tiles.transposed(stream.slots[0].at[slot])), shape=(block_q, block_k), while_running=take_turn
       )
       stream.release(0, slot)
+      # Every warpgroup visits step lo: its rows see at least their own keys.
+      pl.when((step == lo) & (i + 1 < my_tiles))(prefetch)
       frame = tiles.key_step_frame(
         stream, slot, step, block_k=block_k, q_pos=q_pos, q_segment=q_segment, slope=slope, origin=origin
       )
-      s = frame.scores(qk, scale=scale, causal=causal, masked=masked)
+      # The causal key term as one multiply-add per column from offsets that stay in registers
+      # across steps (one I2F, add and multiply fewer per column and step than TileFrame's).
+      slope2 = slope * pallas_tiles.LOG2E
+      key_start = (step * block_k).astype(jnp.float32)
+      key_term = tiles.positions(0, block_k, tiles.COLUMNS) * slope2 + slope2 * (key_start - origin)
+      s = frame.scores(qk, scale=scale, causal=causal, masked=masked, key_term=key_term if causal else None)
       # Online softmax (FlashAttention-2 §3.1.1): rescale the running sums when the row maximum grows.
       new_max = jnp.maximum(row_max, s.max(axis=1))
       rescale = jnp.exp2(row_max - new_max)
@@ -327,6 +350,7 @@ def _forward_kernel(*refs, segments: bool, causal: bool, scale: float, block_k: 
     )
     pl.when(warpgroup == 0)(take_turn)
 
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's logsumexp has left lse_smem
     q_smem[...] = (acc / tiles.rows(row_sum, acc.shape)).astype(q_smem.dtype)
     lse_smem[...] = (
       row_max + jnp.log2(row_sum) + pallas_tiles.alibi_query_term(slope, q_pos, origin=origin, causal=causal)
@@ -337,6 +361,7 @@ def _forward_kernel(*refs, segments: bool, causal: bool, scale: float, block_k: 
     return base + hi - lo
 
   def consume():
+    load_queries(0)
     lax.fori_loop(0, my_tiles, consume_tile, jnp.int32(0))
     plgpu.wait_smem_to_gmem(0)
 

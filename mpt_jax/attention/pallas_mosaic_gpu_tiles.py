@@ -128,18 +128,24 @@ class TileFrame:
   def shape(self):
     return self.row_pos.shape[0], self.col_pos.shape[0]
 
-  def scores(self, qk, *, scale: float, causal: bool, masked: bool):
+  def alibi_key_term(self):
+    """The causal ALiBi key term of the tile's keys, log2 units: a ROWS or COLUMNS vector."""
+    key_pos = self.col_pos if self.queries_along_rows else self.row_pos
+    return self.slope * LOG2E * (key_pos - self.origin)
+
+  def scores(self, qk, *, scale: float, causal: bool, masked: bool, key_term=None):
     """Log2-unit scores of a tile of raw q.k products, less the per-query ALiBi term when causal.
 
     ``masked``: apply the causal mask (tiles on the diagonal); segments mask every tile.
+    ``key_term``: the causal key term (``alibi_key_term``), if the caller has it cheaper.
     """
     shape = self.shape
-    slope = self.slope * LOG2E
     if causal:  # the key term only: a vector, one multiply-add per score
-      key_pos = self.col_pos if self.queries_along_rows else self.row_pos
-      key_term = slope * (key_pos - self.origin)
+      if key_term is None:
+        key_term = self.alibi_key_term()
       bias = columns(key_term, shape) if self.queries_along_rows else rows(key_term, shape)
     else:
+      slope = self.slope * LOG2E
       bias = masks.alibi_bias(slope, rows(self.row_pos, shape), columns(self.col_pos, shape), causal=False)
     s = qk * (scale * LOG2E) + bias
     keep = None
@@ -261,21 +267,32 @@ def key_step_frame(stream: Stream, slot, step, *, block_k: int, q_pos, q_segment
   return TileFrame(q_pos, k_pos, q_segment, k_segment, slope, origin, True)
 
 
-def held_barriers(count: int):
-  """Scratch for ``copy_in``: one barrier per held operand, one per consumer each."""
-  return tuple(plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS) for _ in range(count))
+def held_barriers(count: int, buffers: int = 1):
+  """Scratch for ``copy_in``: one barrier per held operand, one per consumer and buffer each
+  (index ``buffer * COMPUTE_WARPGROUPS + warpgroup``)."""
+  return tuple(plgpu.Barrier(num_barriers=buffers * COMPUTE_WARPGROUPS) for _ in range(count))
 
 
-def copy_in(copies, barriers, warpgroup):
-  """Copies each (GMEM tile, SMEM buffer) with TMA and waits for all of them.
+def start_copies(copies, barriers, index):
+  """Starts a TMA copy of each (GMEM tile, SMEM buffer), each arriving on its barrier's ``index``.
 
   One barrier per copy: a TMA copy arrives on its barrier from every thread of the
   warpgroup, so a second copy on the same barrier would complete a phase early.
   """
   for (source, destination), barrier in zip(copies, barriers):
-    plgpu.copy_gmem_to_smem(source, destination, barrier.at[warpgroup])
-  for barrier in barriers[: len(copies)]:
-    plgpu.barrier_wait(barrier.at[warpgroup])
+    plgpu.copy_gmem_to_smem(source, destination, barrier.at[index])
+
+
+def wait_copies(barriers, index):
+  """Waits for the copies ``start_copies`` started on ``barriers`` at ``index``."""
+  for barrier in barriers:
+    plgpu.barrier_wait(barrier.at[index])
+
+
+def copy_in(copies, barriers, warpgroup):
+  """Copies each (GMEM tile, SMEM buffer) with TMA into a warpgroup's buffers and waits for all of them."""
+  start_copies(copies, barriers, warpgroup)
+  wait_copies(barriers[: len(copies)], warpgroup)
 
 
 def run_plan(plan, carry):
