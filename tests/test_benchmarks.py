@@ -101,3 +101,30 @@ def test_step_profile_splits_gpu_time_by_kind_of_kernel(tmp_path):
       "other fusions (residual adds, casts, slices)": 0.0055,
     }
   )
+
+
+def test_sass_profile_sums_stall_samples_and_instructions_per_opcode(tmp_path):
+  """An ncu source page (a kernel-name line, then one CSV row per SASS instruction) per stall reason and opcode."""
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import sass_profile
+
+  header = '"Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed","stall_barrier","stall_long_sb","stall_barrier (Not Issued)"'
+  rows = [
+    '"0x10","@!P1  BRA 0x20","60","10","0","60","0"',
+    '"0x20","HGMMA.64x128x16.F32.BF16 R88, R24, gdesc[UR20].tnspB","10","20","0","10","0"',
+    '"0x30","WARPGROUP.DEPBAR.LE gsb0, 0x0","30","10","30","0","30"',
+    '"0x40","FADD R1, R2, R3","0","60","0","0","0"',
+  ]
+  page = tmp_path / "forward.csv"
+  page.write_text("\n".join(['"Kernel Name","alibi_flash_forward",', header, *rows]) + "\n")
+  parsed = sass_profile.read(page)
+  assert sass_profile.stall_shares(parsed) == pytest.approx({"long_sb": 0.7, "barrier": 0.3})
+  mix = sass_profile.opcode_mix(parsed)
+  assert [op for op, _, _ in mix] == ["FADD", "HGMMA", "BRA", "WARPGROUP"]  # most executed first
+  assert [executed for _, executed, _ in mix] == pytest.approx([0.6, 0.2, 0.1, 0.1])
+  assert [sampled for _, _, sampled in mix] == pytest.approx([0.0, 0.1, 0.6, 0.3])
+  hottest = sass_profile.hot_lines(parsed, top=2)
+  assert [(i, share, worst[0]) for i, share, _, worst in hottest] == [
+    (0, pytest.approx(0.6), "long_sb"),
+    (2, pytest.approx(0.3), "barrier"),
+  ]
