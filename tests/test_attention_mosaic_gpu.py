@@ -3,20 +3,24 @@
 On an H100/H200 (``pytest tests/test_attention_mosaic_gpu.py`` there) the kernels run; elsewhere
 those tests skip, because jax's Mosaic GPU interpreter cannot run them (the reason is in
 ``pallas_mosaic_gpu.flash_attention``'s docstring). What a CPU can check, it does: every
-configuration's forward and backward traces, ``impl="pallas"`` picks these kernels on Hopper,
-and they refuse what they cannot take.
+configuration's forward and backward traces, every warpgroup's loop plan includes the step
+the forward's query prefetch waits on, ``impl="pallas"`` picks these kernels on Hopper, and
+they refuse what they cannot take.
 """
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import pallas as pl
 
 from mpt_jax import attention
 from mpt_jax.alibi import alibi_slopes
-from mpt_jax.attention import dot_product_attention, pallas_mosaic_gpu, reference
+from mpt_jax.attention import dot_product_attention, pallas_mosaic_gpu, pallas_tiles, reference
+from mpt_jax.attention import pallas_mosaic_gpu_tiles as tiles
 from tests import test_attention
 from tests.test_attention import _rel_err
 
@@ -76,6 +80,31 @@ def test_matches_reference(case):
   for name, grad, ref_grad in zip(("dq", "dk", "dv"), grads, ref_grads):
     assert grad.dtype == jnp.bfloat16, name
     assert _rel_err(grad, ref_grad) < GRAD_TOL, name
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("segments", [None, "packed", "shuffled"])
+def test_every_consumer_visits_its_programs_first_key_step(causal, segments):
+  """The forward's query prefetch runs at each warpgroup's first key step, ``lo``: a warpgroup
+  that skipped it would never load its next block's queries and the kernel would hang
+  waiting for them. It cannot skip it: each row sees at least its own key (ragged T padded,
+  short documents starting anywhere in a block)."""
+  blocks = pallas_mosaic_gpu.BlockSizes()
+  seq_len = 1000
+  *_, segment_ids = _inputs(1, 2, seq_len, 1, 64, segments, new_document_rate=0.05)  # ~20-token documents
+  padded_len = pl.cdiv(seq_len, blocks.padded_multiple) * blocks.padded_multiple
+  padded = pallas_mosaic_gpu._padded_segments(segment_ids, 2, seq_len, padded_len, causal=causal)
+  program_rows = tiles.COMPUTE_WARPGROUPS * blocks.block_q
+  ranges = None
+  if padded is not None:
+    ranges, _ = pallas_tiles.segment_block_ranges(padded, block_q=program_rows, block_k=blocks.block_k)
+  plan = dict(block_q=blocks.block_q, block_k=blocks.block_k, causal=causal)
+  for batch, query_block in itertools.product(range(2), range(padded_len // program_rows)):
+    start, lo, hi = tiles.query_program(query_block, seq_len=padded_len, segment_ranges=ranges, batch=batch, **plan)
+    for warpgroup in range(tiles.COMPUTE_WARPGROUPS):
+      q_start = start + warpgroup * blocks.block_q
+      split, stop = tiles.query_major_plan(q_start, lo=lo, hi=hi, segments=padded is not None, **plan)
+      assert lo <= split <= stop <= hi and lo < stop, (batch, query_block, warpgroup, int(lo), int(split), int(stop))
 
 
 @hopper_only
