@@ -33,6 +33,15 @@ def _number(text: str | None) -> float:
   return float((text or "0").replace(",", "") or 0)
 
 
+def _stall_columns(rows) -> list[str]:
+  """The per-reason sample columns of all samples (``stall_*``, not the "Not Issued" copies)."""
+  return [c for c in rows[0] if c.startswith("stall_") and "Not Issued" not in c]
+
+
+def _total_samples(rows) -> float:
+  return sum(_number(r[SAMPLES]) for r in rows) or 1.0
+
+
 def opcode(sass: str) -> str:
   """``@!P1 BRA 0x7f...`` -> ``BRA``; ``HGMMA.64x128x16.F32.BF16 R88, ...`` -> ``HGMMA``."""
   words = sass.split()
@@ -43,9 +52,8 @@ def opcode(sass: str) -> str:
 
 def stall_shares(rows) -> dict[str, float]:
   """Stall reason -> its share of all samples, largest first."""
-  reasons = [c for c in rows[0] if c.startswith("stall_") and "Not Issued" not in c]
-  total = sum(_number(r[SAMPLES]) for r in rows) or 1.0
-  shares = {c.removeprefix("stall_"): sum(_number(r[c]) for r in rows) / total for c in reasons}
+  total = _total_samples(rows)
+  shares = {c.removeprefix("stall_"): sum(_number(r[c]) for r in rows) / total for c in _stall_columns(rows)}
   return dict(sorted(shares.items(), key=lambda item: -item[1]))
 
 
@@ -57,14 +65,13 @@ def opcode_mix(rows) -> list[tuple[str, float, float]]:
     executed[op] += _number(r[EXECUTED])
     sampled[op] += _number(r[SAMPLES])
   total_executed = sum(executed.values()) or 1.0
-  total_sampled = sum(sampled.values()) or 1.0
+  total_sampled = _total_samples(rows)
   return [(op, n / total_executed, sampled[op] / total_sampled) for op, n in executed.most_common()]
 
 
 def hot_lines(rows, top: int) -> list[tuple[int, float, str, list[str]]]:
   """(row index, share of samples, SASS, its two largest stall reasons) of the ``top`` rows, in address order."""
-  total = sum(_number(r[SAMPLES]) for r in rows) or 1.0
-  reasons = [c for c in rows[0] if c.startswith("stall_") and "Not Issued" not in c]
+  total, reasons = _total_samples(rows), _stall_columns(rows)
   hottest = sorted(range(len(rows)), key=lambda i: -_number(rows[i][SAMPLES]))[:top]
   result = []
   for i in sorted(hottest):
