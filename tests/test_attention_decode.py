@@ -143,3 +143,49 @@ def test_cached_attention_gives_the_same_on_the_kernel_and_the_xla_path(monkeypa
   np.testing.assert_allclose(out, expected_out, rtol=1e-5, atol=1e-5)
   for got, want in zip(cache, expected_cache):
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 5])
+def test_a_cache_split_into_parts_gives_the_same_attention(splits):
+  """Each part a program of its own, combined by softmax weights; positions in the first part, a middle one and the last,
+  so some parts lie wholly past their query and must contribute nothing."""
+  batch, cache_length, heads, head_dim = 4, 300, 2, 16  # 5 blocks of 64, the last ragged
+  k_q, k_k, k_v = jax.random.split(jax.random.key(6), 3)
+  q = jax.random.normal(k_q, (batch, 1, heads, head_dim))
+  k, v = (jax.random.normal(key, (batch, cache_length, heads, head_dim)) for key in (k_k, k_v))
+  position = jnp.array([3, 64, 190, cache_length - 1])
+  slopes = alibi_slopes(heads)
+  kernel = functools.partial(pallas_decode.attention, splits=splits, interpret=DECODERS["pallas"].keywords["interpret"])
+  np.testing.assert_allclose(
+    kernel(q, k, v, slopes=slopes, q_offset=position),
+    decode.attention(q, k, v, slopes=slopes, q_offset=position),
+    rtol=1e-5,
+    atol=1e-5,
+  )
+
+
+@pytest.mark.parametrize("splits", [2, 4])
+def test_the_writing_kernel_split_into_parts_writes_the_cache_and_attends(splits):
+  q, k_new, v_new, (k_cache, v_cache), position = _cache_step(7, jnp.float32, cache_length=200, heads=2)
+  slopes = alibi_slopes(q.shape[2])
+  expected_cache = [decode.write_cache(old, new, position) for old, new in ((k_cache, k_new), (v_cache, v_new))]
+  out, *cache = pallas_decode.write_and_attend(
+    jnp.stack([q, k_new, v_new], axis=2),
+    k_cache,
+    v_cache,
+    slopes=slopes,
+    q_offset=position,
+    splits=splits,
+    interpret=DECODERS["pallas"].keywords["interpret"],
+  )
+  for written, want in zip(cache, expected_cache):
+    np.testing.assert_array_equal(written, want)
+  np.testing.assert_allclose(
+    out, decode.attention(q, *expected_cache, slopes=slopes, q_offset=position), rtol=1e-5, atol=1e-5
+  )
+
+
+def test_few_rows_split_the_cache_to_fill_the_gpu():
+  assert pallas_decode._splits(programs=16, blocks=5) == 5  # batch 1, 16 heads, a 300-position cache
+  assert pallas_decode._splits(programs=16, blocks=32) == pallas_decode.TARGET_PROGRAMS // 16
+  assert pallas_decode._splits(programs=256, blocks=32) == 1  # batch 16 fills the GPU alone
