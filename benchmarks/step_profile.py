@@ -20,7 +20,7 @@ import sys
 
 HLO_FILE = "compiled_step.hlo.txt"
 _MATMUL_KERNEL = re.compile(r"gemm|cutlass|xmma|nvjet|cublas", re.I)
-_ATTENTION_KERNEL = re.compile(r"alibi_flash|fmha|flash_fprop|flash_bprop|cudnn", re.I)
+_ATTENTION_KERNEL = re.compile(r"alibi_flash|alibi_decode|fmha|flash_fprop|flash_bprop|cudnn", re.I)
 
 
 def trace(step, carry, log_dir: pathlib.Path, *, steps: int, compiled_text: str) -> pathlib.Path:

@@ -101,6 +101,16 @@ def test_step_profile_splits_gpu_time_by_kind_of_kernel(tmp_path):
       "other fusions (residual adds, casts, slices)": 0.0055,
     }
   )
+  assert step_profile.categorize("alibi_decode_attention", {}) == "attention kernels"  # decoding's kernel too
+
+
+def test_decode_attention_benchmark_checks_and_times_each_split_choice():
+  """--tiny runs the GPU rows' code interpreted: every row checked against decode.attention, then timed."""
+  done = _run("benchmarks/decode_attention.py", "--tiny", "--splits", "auto", "1", "2")
+  assert done.returncode == 0, done.stderr[-2000:]
+  rows = [line.split() for line in done.stdout.splitlines() if line.split()[:3] == ["2", "150", "70"]]
+  assert [(row[3], row[4]) for row in rows] == [("auto", "3"), ("1", "1"), ("2", "2")]  # requested, actual parts
+  assert all(float(row[-1]) < 2e-2 for row in rows)  # max |diff| against the float32 reference
 
 
 def test_sass_profile_sums_stall_samples_and_instructions_per_opcode(tmp_path):

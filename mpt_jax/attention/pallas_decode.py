@@ -87,7 +87,7 @@ def _vector_spec(head_dim: int, part: int | None = None) -> pl.BlockSpec:
 def _call(rows, k, v, slopes, q_offset, *, scale, splits, interpret):
   """The pallas_call of ``attention`` (rows: the query) or ``write_and_attend`` (rows: the
   query, the new key and the new value); each row operand comes with its part of the fused
-  QKV product, or None for a [B, 1, N, H] query. ``splits`` None: ``_splits``'s choice.
+  QKV product, or None for a [B, 1, N, H] query. ``splits`` as ``split_plan``.
 
   The grid is (B, N, splits), or (B, N) unsplit: the same kernel on a (B, N, 1) grid measured
   16% slower at batch 64 (29 -> 33 us per layer on an H200; not yet profiled), so unsplit it
@@ -97,11 +97,7 @@ def _call(rows, k, v, slopes, q_offset, *, scale, splits, interpret):
   (q, q_part), *new = rows
   offsets = jnp.broadcast_to(jnp.reshape(jnp.asarray(q_offset, jnp.int32), (-1,)), (batch,))
   scale = head_dim**-0.5 if scale is None else scale
-  block_k = min(BLOCK_K, pl.next_power_of_2(seq_len))
-  blocks = pl.cdiv(seq_len, block_k)
-  splits = splits or _splits(batch * heads, blocks)
-  blocks_per_split = pl.cdiv(blocks, splits)
-  splits = pl.cdiv(blocks, blocks_per_split)  # no part wholly past the cache's end
+  block_k, splits, blocks_per_split = split_plan(batch * heads, seq_len, splits)
   cache_spec = pl.BlockSpec((None, seq_len, None, head_dim), lambda b, h, *split: (b, 0, h, 0))
   if splits == 1:
     out_specs = [_vector_spec(head_dim)]
@@ -149,9 +145,17 @@ def _call(rows, k, v, slopes, q_offset, *, scale, splits, interpret):
   return tuple(outs) if new else outs[0]
 
 
-def _splits(programs: int, blocks: int) -> int:
-  """Parts per (row, head): enough for about TARGET_PROGRAMS programs, at most one per block."""
-  return max(1, min(blocks, TARGET_PROGRAMS // programs))
+def split_plan(pairs: int, seq_len: int, splits: int | None = None) -> tuple[int, int, int]:
+  """(block_k, parts, blocks per part) for ``pairs`` (row, head) pairs over a ``seq_len`` cache.
+
+  ``splits`` None: enough parts for about TARGET_PROGRAMS programs, at most one per block.
+  Parts are whole blocks, so fewer than asked may come back (none lies wholly past the cache).
+  """
+  block_k = min(BLOCK_K, pl.next_power_of_2(seq_len))
+  blocks = pl.cdiv(seq_len, block_k)
+  splits = splits or max(1, min(blocks, TARGET_PROGRAMS // pairs))
+  blocks_per_split = pl.cdiv(blocks, splits)
+  return block_k, pl.cdiv(blocks, blocks_per_split), blocks_per_split
 
 
 def _combine(parts, lse, dtype):
