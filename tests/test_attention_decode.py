@@ -106,27 +106,35 @@ def _cache_step(seed, dtype, batch=3, cache_length=37, heads=5, head_dim=16):
   return (*step, cache, jnp.array([0, cache_length // 2, cache_length - 1])[:batch])
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
-def test_the_writing_kernel_equals_a_cache_write_then_attention(dtype):
-  q, k_new, v_new, (k_cache, v_cache), position = _cache_step(4, dtype)
+def _check_the_writing_kernel(step, tolerance: float, **kernel_args):
+  """write_and_attend on a ``_cache_step`` writes the cache as decode.write_cache does and attends as
+  decode.attention does over the written cache; ``kernel_args`` (scale, splits) go to the kernel, scale
+  to the reference too."""
+  q, k_new, v_new, (k_cache, v_cache), position = step
   slopes = alibi_slopes(q.shape[2])
   expected_cache = [decode.write_cache(old, new, position) for old, new in ((k_cache, k_new), (v_cache, v_new))]
-  expected = decode.attention(q, *expected_cache, slopes=slopes, q_offset=position, scale=0.3)
+  scale = kernel_args.get("scale")
+  expected = decode.attention(q, *expected_cache, slopes=slopes, q_offset=position, scale=scale)
   out, *cache = pallas_decode.write_and_attend(
     jnp.stack([q, k_new, v_new], axis=2),
     k_cache,
     v_cache,
     slopes=slopes,
     q_offset=position,
-    scale=0.3,
     interpret=DECODERS["pallas"].keywords["interpret"],
+    **kernel_args,
   )
   for written, want in zip(cache, expected_cache):
     np.testing.assert_array_equal(np.asarray(written, np.float32), np.asarray(want, np.float32))
   assert out.shape == q.shape and out.dtype == q.dtype
   np.testing.assert_allclose(
-    np.asarray(out, np.float32), np.asarray(expected, np.float32), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype]
+    np.asarray(out, np.float32), np.asarray(expected, np.float32), atol=tolerance, rtol=tolerance
   )
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+def test_the_writing_kernel_equals_a_cache_write_then_attention(dtype):
+  _check_the_writing_kernel(_cache_step(4, dtype), TOLERANCE[dtype], scale=0.3)
 
 
 def test_cached_attention_gives_the_same_on_the_kernel_and_the_xla_path(monkeypatch):
@@ -166,23 +174,7 @@ def test_a_cache_split_into_parts_gives_the_same_attention(splits):
 
 @pytest.mark.parametrize("splits", [2, 4])
 def test_the_writing_kernel_split_into_parts_writes_the_cache_and_attends(splits):
-  q, k_new, v_new, (k_cache, v_cache), position = _cache_step(7, jnp.float32, cache_length=200, heads=2)
-  slopes = alibi_slopes(q.shape[2])
-  expected_cache = [decode.write_cache(old, new, position) for old, new in ((k_cache, k_new), (v_cache, v_new))]
-  out, *cache = pallas_decode.write_and_attend(
-    jnp.stack([q, k_new, v_new], axis=2),
-    k_cache,
-    v_cache,
-    slopes=slopes,
-    q_offset=position,
-    splits=splits,
-    interpret=DECODERS["pallas"].keywords["interpret"],
-  )
-  for written, want in zip(cache, expected_cache):
-    np.testing.assert_array_equal(written, want)
-  np.testing.assert_allclose(
-    out, decode.attention(q, *expected_cache, slopes=slopes, q_offset=position), rtol=1e-5, atol=1e-5
-  )
+  _check_the_writing_kernel(_cache_step(7, jnp.float32, cache_length=200, heads=2), 1e-5, splits=splits)
 
 
 def test_few_rows_split_the_cache_to_fill_the_gpu():
