@@ -10,8 +10,9 @@ d scale into one float32 row per program, which XLA sums afterwards (a [rows /
 block_rows, D] array, 1/(2 * block_rows) of dy's size).
 
 Rows are the flattened leading axes, any number of them: programs take BLOCK_ROWS rows, or
-as many as divide the count (one row when decoding one sequence, so a batch-1 decoding step
-normalizes in one kernel rather than XLA's two reductions and an elementwise pass). D must
+as many as divide the count; with few rows (a decoding step: one per sequence) one row each,
+so the kernel spreads over as many SMs as there are rows, and a decoding step normalizes in
+one kernel rather than XLA's two reductions and an elementwise pass. D must
 be a power of two (Triton blocks), which every MPT width is. ``ops.layer_norm`` uses these kernels on GPUs and the same maths in XLA
 elsewhere; ``interpret=True`` runs them in the Pallas interpreter (tests).
 
@@ -29,6 +30,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 BLOCK_ROWS = 4  # rows per program (at most): 4 x 2048 float32 values per live array fit 8 warps' registers
+# Below this many programs of BLOCK_ROWS, one row per program: decoding 16 rows in 16 programs
+# rather than 4 made a batch-16 MPT-1B step on an H200 4% faster (benchmarks/RESULTS.md, "Generation").
+MIN_PROGRAMS = 256
 NUM_WARPS = 8
 MAX_WIDTH = 16384
 
@@ -39,7 +43,10 @@ def supports(width: int) -> bool:
 
 
 def _block_rows(rows: int) -> int:
-  """Rows per program: BLOCK_ROWS, or the largest power of two below it that divides ``rows``."""
+  """Rows per program: one where programs of BLOCK_ROWS would be fewer than MIN_PROGRAMS,
+  else BLOCK_ROWS or the largest power of two below it that divides ``rows``."""
+  if rows < MIN_PROGRAMS * BLOCK_ROWS:
+    return 1
   return math.gcd(rows, BLOCK_ROWS)
 
 

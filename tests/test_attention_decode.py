@@ -180,6 +180,7 @@ def test_the_writing_kernel_split_into_parts_writes_the_cache_and_attends(splits
 def test_few_rows_split_the_cache_to_fill_the_gpu():
   plan = pallas_decode.split_plan
   assert plan(16, 300) == (64, 5, 1)  # batch 1, 16 heads: one 64-position block per part
-  assert plan(16, 2048) == (64, 16, 2)  # 256 programs (TARGET_PROGRAMS)
-  assert plan(256, 2048) == (64, 1, 32)  # batch 16 fills the GPU alone
+  assert plan(16, 2048) == (64, 32, 1)  # 512 programs: at most one per block
+  assert plan(256, 2048) == (64, 4, 8)  # batch 16: 1024 programs (TARGET_PROGRAMS)
+  assert plan(1024, 2048) == (64, 1, 32)  # batch 64 fills the GPU alone
   assert plan(16, 300, splits=4) == (64, 3, 2)  # parts are whole blocks: 5 blocks make 3 parts of 2

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mpt_jax import ops
+from mpt_jax import ops, pallas_layer_norm
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}  # relative L2 error
 
@@ -58,8 +58,8 @@ def test_exact_gelu_and_its_gradient_match_torch_gelu_in_float64(dtype):
   assert _rel_err(dx, x_torch.grad.numpy()) < TOLERANCE[dtype]
 
 
-# 12 rows: three programs of BLOCK_ROWS; 6 rows: programs of two; one row: a decoding step at batch 1.
-@pytest.mark.parametrize("shape", [(2, 6, 64), (3, 2, 64), (1, 1, 64)], ids=str)
+# 1024 rows: programs of BLOCK_ROWS; 1026: programs of two; 12: one row each; one row: a decoding step at batch 1.
+@pytest.mark.parametrize("shape", [(4, 256, 64), (3, 342, 64), (2, 6, 64), (1, 1, 64)], ids=str)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
 def test_pallas_layer_norm_kernels_match_the_xla_layer_norm(dtype, shape):
   """The Pallas kernels (interpreted here) against the XLA path of the same custom VJP, for any row count."""
@@ -74,6 +74,13 @@ def test_pallas_layer_norm_kernels_match_the_xla_layer_norm(dtype, shape):
   for got, expected in zip(outputs["pallas"], outputs["xla"]):
     assert got.dtype == expected.dtype and got.shape == expected.shape
     assert _rel_err(got, expected) < TOLERANCE[dtype]
+
+
+def test_few_rows_take_a_program_each_to_fill_the_gpu():
+  """Decoding normalizes a row per sequence: 16 rows run as 16 programs, not 4 of BLOCK_ROWS."""
+  assert pallas_layer_norm._block_rows(16) == 1
+  assert pallas_layer_norm._block_rows(pallas_layer_norm.MIN_PROGRAMS * pallas_layer_norm.BLOCK_ROWS) == 4
+  assert pallas_layer_norm._block_rows(1026) == 2  # the largest power of two below BLOCK_ROWS that divides
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])

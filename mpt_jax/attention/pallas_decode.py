@@ -27,9 +27,10 @@ from mpt_jax.attention import decode, masks
 from mpt_jax.attention import pallas_tiles as tiles
 
 BLOCK_K = 64  # cache positions per loop step
-# About two programs per SM of an H100 / H200 (132): at batch 1 with 2048 cached positions 16
-# parts per head (256 programs) took 5.7 us on an H200 where 8 parts took 11.8.
-TARGET_PROGRAMS = 256
+# About eight programs per SM of an H100 / H200 (132). Per layer on an H200: batch 1 with 2048
+# cached positions, 32 parts per head took 6.1 us where 16 took 7.7 and 8 took 11.8; batch 16
+# with 288 positions, 3 parts 10.0 us where the unsplit kernel took 11.1 (benchmarks/RESULTS.md).
+TARGET_PROGRAMS = 1024
 
 
 def supports(q, k) -> bool:
