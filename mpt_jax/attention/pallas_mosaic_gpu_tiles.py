@@ -29,8 +29,11 @@ COMPUTE_WARPGROUPS = 2  # consumers per program; the producer is warpgroup COMPU
 WARPGROUP_AXIS = "warpgroup"
 ROWS = plgpu.Layout.WGMMA.reduce(1)  # [rows] vectors of a wgmma tile: one value per row
 COLUMNS = plgpu.Layout.WGMMA.reduce(0)  # [columns] vectors: one value per column
-# Registers per thread: consumers take most of the register file, the producer keeps a few.
-CONSUMER_REGISTERS, PRODUCER_REGISTERS = 232, 40
+# Registers per thread: consumers take most of the register file, the producer keeps the few
+# that issuing copies needs. 240 and 24 rather than 232 and 40 cut the dK/dV kernel's spills
+# from 156 / 188 bytes stored / loaded to 56 / 92 and made forward + backward 1.03x faster on
+# an H200 (benchmarks/RESULTS.md, issue 11).
+CONSUMER_REGISTERS, PRODUCER_REGISTERS = 240, 24
 # 128-byte swizzled tiles of 64 two-byte elements per row: what TMA and wgmma read without bank conflicts.
 TILE_TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
