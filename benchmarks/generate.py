@@ -12,7 +12,7 @@ step = (tN - t1) / (N - 1), a step giving each row one token; medians of --repea
 warm-up call. Ours is mpt_jax.generate.Generator on the MPT-1B config (QK-LN on), its two calls
 sharing one compiled loop (the cache length generate() picks for N tokens). transformers is
 MptForCausalLM.generate with the same sizes and QK-LN off (it has none), bfloat16, KV cache, in
-the same process on the same GPU.
+the same process on the same GPU, after all of ours (its model on the GPU slowed ours).
 The floor is reading every bf16 weight once per step: 2.62 GB / 4.8 TB/s = 0.55 ms on an H200.
 Prints a table; writes $OUT/generate.json when $OUT is set (after every row, so a time-out keeps
 what finished). Imports neither mpt_jax.data nor TensorFlow.
@@ -29,6 +29,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -210,11 +211,13 @@ def main(args: Args) -> dict:
   floor_ms = 1e3 * 2 * n_params / bandwidth if bandwidth else None
   generator = Generator(_our_model(ours_config))
   torch_device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-  hf = None
-  if args.transformers:
+
+  @functools.cache  # made when first measured, after all of ours
+  def transformers_model():
     torch.manual_seed(0)
     with torch.device(torch_device):  # initialized where it runs: 1.3B parameters init slowly on the host
-      hf = transformers.MptForCausalLM(hf_config).to(torch.bfloat16).eval()
+      return transformers.MptForCausalLM(hf_config).to(torch.bfloat16).eval()
+
   report = dict(
     date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
     device=device.device_kind,
@@ -226,18 +229,22 @@ def main(args: Args) -> dict:
     floor_ms=floor_ms,
     rows=[],
   )
-  for batch in args.batch_sizes:
-    impls = [("mpt-jax", lambda: _measure_ours(generator, batch, args))]
-    if hf is not None:
-      impls.append(("transformers", lambda: _measure_transformers(hf, batch, args, torch_device)))
-    for impl, measure in impls:
+  # Ours first, before torch puts a model on the GPU: with one there, our batch-1 steps were
+  # 1.10x slower in the same process (benchmarks/RESULTS.md, "Generation", sixth session).
+  measures = {"mpt-jax": lambda batch: _measure_ours(generator, batch, args)}
+  if args.transformers:
+    measures["transformers"] = lambda batch: _measure_transformers(transformers_model(), batch, args, torch_device)
+  for impl, measure in measures.items():
+    for batch in args.batch_sizes:
       if time.perf_counter() > deadline:
         row = dict(impl=impl, batch=batch, status=f"skipped: over the {args.budget_s} s budget")
       else:
-        row = _row(impl, batch, measure(), args, floor_ms)
+        row = _row(impl, batch, measure(batch), args, floor_ms)
       report["rows"].append(row)
       print(_table([row], floor_ms).splitlines()[1], flush=True)
       _write(report)
+  report["rows"].sort(key=lambda row: row["batch"])  # stable: ours, then transformers, per batch
+  _write(report)
   print(
     f"\n{device.device_kind}, jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}; "
     f"{args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, greedy, median of {args.repeats}"

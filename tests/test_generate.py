@@ -162,6 +162,20 @@ def test_decoding_weights_are_cast_once_and_split_per_layer():
   np.testing.assert_array_equal(state["blocks"][1]["mlp"]["up_proj"], model.blocks.mlp.up_proj[1].astype(jnp.bfloat16))
 
 
+def test_large_batches_decode_with_cublas_products_on_gpus(model, monkeypatch):
+  """On a GPU, batches of CUBLAS_FROM_ROWS rows or more run a loop compiled without XLA's Triton
+  GEMMs (faster there: docs/decoding.md); that loop samples the same tokens."""
+  rows = generate_module.CUBLAS_FROM_ROWS
+  assert generate_module._decode_loop_for(rows, "gpu") is generate_module._decode_loop_cublas
+  assert generate_module._decode_loop_for(rows - 1, "gpu") is generate_module._decode_loop
+  assert generate_module._decode_loop_for(rows, "cpu") is generate_module._decode_loop
+  prompts = _prompts(9, [3, 5], vocab=CONFIG.vocab_size)
+  triton = generate(model, prompts, max_new_tokens=6, temperature=0.0)
+  monkeypatch.setattr(generate_module, "_decode_loop", generate_module._decode_loop_cublas)
+  cublas = generate(model, prompts, max_new_tokens=6, temperature=0.0)
+  np.testing.assert_array_equal(np.stack(cublas), np.stack(triton))
+
+
 def test_sampling_is_reproducible_per_key_and_differs_across_keys(model):
   prompt = np.zeros((4, 3), np.int32)
   first = generate(model, prompt, max_new_tokens=10, temperature=1.5, rng=jax.random.key(2))
