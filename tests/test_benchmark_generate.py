@@ -1,4 +1,4 @@
-"""benchmarks/generate.py --tiny: runs as a script from anywhere, times both implementations, writes
+"""benchmarks/generate.py --tiny: runs as a script from anywhere, times both implementations (ours first), writes
 $OUT/generate.json, and never imports mpt_jax.data or TensorFlow (absent on the GPU machines)."""
 
 import json
@@ -37,3 +37,6 @@ def test_tiny_run_writes_every_row_without_data_or_tensorflow_imports(tmp_path):
     math.isfinite(r["decode_ms_per_step"]) and r["prefill_tokens_per_s"] > 0 for r in report["rows"]
   )  # CPU: noisy
   assert "decode ms/step" in result.stdout
+  # Measured in this order, all of ours before transformers' model exists (it slowed ours on a GPU).
+  progress = [line.split()[:2] for line in result.stdout.splitlines() if line.startswith(("mpt-jax", "transformers"))]
+  assert progress[:4] == [["mpt-jax", "1"], ["mpt-jax", "3"], ["transformers", "1"], ["transformers", "3"]]
