@@ -12,9 +12,9 @@ block_rows, D] array, 1/(2 * block_rows) of dy's size).
 Rows are the flattened leading axes, any number of them: programs take BLOCK_ROWS rows, or
 as many as divide the count; with few rows (a decoding step: one per sequence) one row each,
 so the kernel spreads over as many SMs as there are rows, and a decoding step normalizes in
-one kernel rather than XLA's two reductions and an elementwise pass. D must
-be a power of two (Triton blocks), which every MPT width is. ``ops.layer_norm`` uses these kernels on GPUs and the same maths in XLA
-elsewhere; ``interpret=True`` runs them in the Pallas interpreter (tests).
+one kernel rather than XLA's two reductions and an elementwise pass. D must be a power of two
+(Triton blocks), which every MPT width is. ``ops.layer_norm`` uses these kernels on GPUs and
+the same maths in XLA elsewhere; ``interpret=True`` runs them in the Pallas interpreter (tests).
 
 ``normalize_parts`` is the forward for rows made of parts (the query, key and value of a
 fused QKV product): it normalizes some parts in place, each with its own scale, so decoding

@@ -1,5 +1,6 @@
-"""benchmarks/generate.py --tiny: runs as a script from anywhere, times both implementations (ours first), writes
-$OUT/generate.json, and never imports mpt_jax.data or TensorFlow (absent on the GPU machines)."""
+"""benchmarks/generate.py --tiny: runs as a script from anywhere, times both implementations (ours
+first), writes $OUT/generate.json, and never imports mpt_jax.data or TensorFlow (absent on the GPU
+machines)."""
 
 import json
 import math
