@@ -22,16 +22,21 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from mpt_jax.attention import flash, pallas_mosaic_gpu_vjp, pallas_tiles
+from mpt_jax.attention import flash, pallas_mosaic_gpu_vjp, pallas_tiles, tile_schedule
 from mpt_jax.attention import pallas_mosaic_gpu_tiles as tiles
 
 HEAD_DIMS = (64, 128)
 DTYPES = ("bfloat16", "float16")
 BLOCK_MULTIPLE = 64  # wgmma tiles have 64 rows per warpgroup
+# The persistent forward's tile order (tile_schedule.py): (row, head) pairs in groups of 4.
+# On an H200 at B=8, T=2048, N=16 the forward kernel took 271 us against 308 with every
+# pair's heaviest block first across the batch, in one device call (benchmarks/RESULTS.md).
+HEAD_GROUP = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +186,15 @@ def _forward(q, k, v, slopes, segment_ids, statics: _Statics):
   # Persistent (FlashAttention-3's tile scheduler): one program per SM loops over query
   # blocks, so the producer streams the next block's keys while the consumers store the last.
   num_ctas = min(num_programs * heads * batch, _multiprocessors())
+  schedule = _schedule(
+    batch * heads,
+    num_programs,
+    num_ctas,
+    program_rows=program_rows,
+    block_k=block_k,
+    causal=statics.causal,
+    segments=segments,
+  )
   kernel = functools.partial(
     _forward_kernel,
     segments=segments,
@@ -188,7 +202,6 @@ def _forward(q, k, v, slopes, segment_ids, statics: _Statics):
     scale=statics.scale,
     block_k=block_k,
     batch_size=batch,
-    num_ctas=num_ctas,
   )
   out, lse = plgpu.kernel(
     kernel,
@@ -209,8 +222,25 @@ def _forward(q, k, v, slopes, segment_ids, statics: _Statics):
     thread_name=tiles.WARPGROUP_AXIS,
     compiler_params=tiles.compiler_params(),
     kernel_name="alibi_flash_forward_mosaic_gpu",
-  )(q, k, v, slopes, *segment_operands)
+  )(q, k, v, slopes, jnp.asarray(schedule), *segment_operands)
   return out, lse
+
+
+def _schedule(pairs: int, blocks: int, programs: int, *, program_rows: int, block_k: int, causal: bool, segments: bool):
+  """The forward's tile table (tile_schedule.schedule) over ``blocks`` query blocks of ``pairs`` (row, head) pairs.
+
+  A tile's cost is its key steps: up to its diagonal when causal, all of them otherwise. With
+  segments the cost depends on the documents, which are not known here: every tile then
+  counts the same and the order is query blocks heaviest first across all pairs, round robin
+  (on 4 packed documents per row this measured faster than the grouped order).
+  """
+  if segments:
+    return tile_schedule.schedule(np.ones((pairs, blocks)), programs=programs, head_group=pairs)
+  key_steps = (
+    (np.arange(1, blocks + 1) * program_rows + block_k - 1) // block_k if causal else blocks * program_rows // block_k
+  )
+  steps = np.broadcast_to(key_steps, (pairs, blocks))
+  return tile_schedule.schedule(steps, programs=programs, head_group=HEAD_GROUP)
 
 
 def _multiprocessors() -> int:
@@ -218,10 +248,10 @@ def _multiprocessors() -> int:
   return getattr(jax.devices()[0], "core_count", None) or 132
 
 
-def _forward_kernel(*refs, segments: bool, causal: bool, scale: float, block_k: int, batch_size: int, num_ctas: int):
-  """One program: tiles ``cta, cta + num_ctas, ...``, each COMPUTE_WARPGROUPS blocks of block_q
-  queries of one (batch row, head), heaviest query blocks first; and their producer."""
-  q_ref, k_ref, v_ref, slopes_ref, *refs = refs
+def _forward_kernel(*refs, segments: bool, causal: bool, scale: float, block_k: int, batch_size: int):
+  """One program: the tiles its row of the schedule lists (``_schedule``), each COMPUTE_WARPGROUPS
+  blocks of block_q queries of one (batch row, head); and their producer."""
+  q_ref, k_ref, v_ref, slopes_ref, schedule_ref, *refs = refs
   segment_ids_ref = k_lo_ref = k_hi_ref = None
   if segments:
     segment_ids_ref, k_lo_ref, k_hi_ref, *refs = refs
@@ -232,15 +262,13 @@ def _forward_kernel(*refs, segments: bool, causal: bool, scale: float, block_k: 
   block_q, head_dim = q_buffers.shape[2:]
   seq_len, heads = k_ref.shape[1:3]
   num_programs = seq_len // (tiles.COMPUTE_WARPGROUPS * block_q)
-  num_tiles = num_programs * heads * batch_size
   cta = lax.axis_index("ctas")
-  my_tiles = pl.cdiv(num_tiles - cta, jnp.int32(num_ctas))
+  my_tiles = schedule_ref[cta, 0]
 
   def tile(i):
     """(batch row, head, first query, key steps lo, hi) of this program's i-th tile."""
-    t = cta + i * num_ctas
-    query_block = pallas_tiles.heaviest_first(lax.div(t, jnp.int32(heads * batch_size)), num_blocks=num_programs)
-    head_and_row = lax.rem(t, jnp.int32(heads * batch_size))
+    t = schedule_ref[cta, i + 1]  # head_and_row * num_programs + query_block
+    query_block, head_and_row = lax.rem(t, jnp.int32(num_programs)), lax.div(t, jnp.int32(num_programs))
     batch, head = lax.rem(head_and_row, jnp.int32(batch_size)), lax.div(head_and_row, jnp.int32(batch_size))
     start, lo, hi = tiles.query_program(
       query_block,
