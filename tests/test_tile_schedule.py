@@ -15,9 +15,22 @@ def _tiles(table):
   return [list(row[1 : 1 + row[0]]) for row in table]
 
 
-def _finish_times(table, steps):
+def _runs(table, steps):
+  """Per program, its tiles as (start, end, pair) under the schedule's own cost model."""
   blocks = steps.shape[1]
-  return [sum(steps[t // blocks, t % blocks] + tile_schedule.TILE_OVERHEAD for t in tiles) for tiles in _tiles(table)]
+  runs = []
+  for tiles in _tiles(table):
+    time, program_runs = 0.0, []
+    for t in tiles:
+      end = time + steps[t // blocks, t % blocks] + tile_schedule.TILE_OVERHEAD
+      program_runs.append((time, end, t // blocks))
+      time = end
+    runs.append(program_runs)
+  return runs
+
+
+def _assert_every_tile_once(table, count):
+  assert sorted(t for tiles in _tiles(table) for t in tiles) == list(range(count))
 
 
 @pytest.mark.parametrize(
@@ -28,14 +41,14 @@ def test_every_tile_runs_once(pairs, blocks, programs, head_group):
   steps = np.broadcast_to(np.arange(1, blocks + 1), (pairs, blocks))
   table = tile_schedule.schedule(steps, programs=programs, head_group=head_group)
   assert table.dtype == np.int32 and table.shape[0] == programs
-  assert sorted(t for tiles in _tiles(table) for t in tiles) == list(range(pairs * blocks))
+  _assert_every_tile_once(table, pairs * blocks)
 
 
 def test_programs_finish_within_one_tile_of_each_other():
   """List scheduling: a program takes a tile only when it is the first free, so by the cost
   model no program ends later than the earliest by more than the costliest tile."""
   table = tile_schedule.schedule(CAUSAL_STEPS, programs=PROGRAMS, head_group=4)
-  finish = _finish_times(table, CAUSAL_STEPS)
+  finish = [runs[-1][1] for runs in _runs(table, CAUSAL_STEPS)]
   assert max(finish) - min(finish) <= CAUSAL_STEPS.max() + tile_schedule.TILE_OVERHEAD
 
 
@@ -45,13 +58,7 @@ def test_tiles_in_flight_share_few_pairs():
   all 128 in flight."""
 
   def most_pairs_in_flight(table, steps):
-    events = []  # (start, end, pair) of every tile
-    for tiles in _tiles(table):
-      time = 0.0
-      for t in tiles:
-        cost = steps[t // BLOCKS, t % BLOCKS] + tile_schedule.TILE_OVERHEAD
-        events.append((time, time + cost, t // BLOCKS))
-        time += cost
+    events = [run for runs in _runs(table, steps) for run in runs]
     starts = sorted({start for start, _, _ in events})
     return max(len({pair for start, end, pair in events if start <= moment < end}) for moment in starts)
 
@@ -75,7 +82,7 @@ def test_the_forward_schedules_every_tile_of_its_shape(causal, segments):
   table = pallas_mosaic_gpu._schedule(
     PAIRS, BLOCKS, PROGRAMS, program_rows=128, block_k=128, causal=causal, segments=segments
   )
-  assert sorted(t for tiles in _tiles(table) for t in tiles) == list(range(PAIRS * BLOCKS))
+  _assert_every_tile_once(table, PAIRS * BLOCKS)
 
 
 def test_refuses_empty_sizes():
