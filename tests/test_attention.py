@@ -13,7 +13,14 @@ import numpy as np
 import pytest
 
 from mpt_jax.alibi import alibi_slopes
-from mpt_jax.attention import dot_product_attention, pallas_mosaic_gpu, pallas_tpu, pallas_triton, reference
+from mpt_jax.attention import (
+  dot_product_attention,
+  pallas_mosaic_gpu,
+  pallas_tiles,
+  pallas_tpu,
+  pallas_triton,
+  reference,
+)
 
 INTERPRET = jax.default_backend() != "gpu"
 # Forward and backward blocks all differ, so a swapped block size shows as a wrong answer.
@@ -142,6 +149,30 @@ def test_packed_documents_never_load_each_other(poisoned):
   assert _rel_err(out[:, good], ref_out) < TOLERANCES[jnp.float32][0]
   for name, grad, ref_grad in zip(("dq", "dk", "dv"), vjp(d_out), ref_vjp(d_out[:, good])):
     assert _rel_err(grad[:, good], ref_grad) < TOLERANCES[jnp.float32][1], name
+
+
+@pytest.mark.parametrize("ids", ["packed", "documents out of order"])
+@pytest.mark.parametrize(("block_q", "block_k"), [(16, 16), (16, 32), (32, 16)])
+def test_segment_block_ranges_cover_every_meeting_tile_once_from_either_side(ids, block_q, block_k):
+  """The key ranges of query blocks and the query ranges of key blocks are one set of tiles:
+  it holds every tile whose blocks share a segment, is exactly those for sorted ids, and has
+  rising bounds (a kernel that stores a tile per visit and one that reads them meet exactly)."""
+  *_, segment_ids = _inputs(5, 3, 96, 1, 8, "packed", new_document_rate=0.05)
+  if ids != "packed":  # the same documents, numbered in a shuffled order
+    segment_ids = jnp.asarray(np.random.default_rng(0).permutation(96))[segment_ids]
+  (k_lo, k_hi), (q_lo, q_hi) = map(
+    np.asarray, pallas_tiles.segment_block_ranges(segment_ids, block_q=block_q, block_k=block_k)
+  )
+  blocks = np.asarray(segment_ids).reshape(3, -1, 1, block_q), np.asarray(segment_ids).reshape(3, 1, -1, block_k)
+  q_block, k_block = np.arange(k_lo.shape[1])[None, :, None], np.arange(q_lo.shape[1])[None, None, :]
+  meets = (blocks[0].min(-1) <= blocks[1].max(-1)) & (blocks[1].min(-1) <= blocks[0].max(-1))  # [B, nq, nk]
+  from_queries = (k_lo[:, :, None] <= k_block) & (k_block < k_hi[:, :, None])
+  from_keys = (q_lo[:, None, :] <= q_block) & (q_block < q_hi[:, None, :])
+  np.testing.assert_array_equal(from_queries, from_keys)
+  assert (from_queries | ~meets).all()
+  if ids == "packed":
+    np.testing.assert_array_equal(from_queries, meets)
+  assert all((np.diff(bound, axis=1) >= 0).all() for bound in (k_lo, k_hi, q_lo, q_hi))
 
 
 def test_sharded_matches_unsharded():

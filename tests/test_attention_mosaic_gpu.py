@@ -21,6 +21,7 @@ from mpt_jax import attention
 from mpt_jax.alibi import alibi_slopes
 from mpt_jax.attention import dot_product_attention, pallas_mosaic_gpu, pallas_tiles, reference
 from mpt_jax.attention import pallas_mosaic_gpu_tiles as tiles
+from mpt_jax.attention import pallas_mosaic_gpu_vjp as vjp
 from tests import test_attention
 from tests.test_attention import _rel_err
 
@@ -66,14 +67,22 @@ def _reference(**kwargs):
   return attend
 
 
+# The two ways to dQ (pallas_mosaic_gpu_vjp.py): from the dS tiles the dK/dV kernel stores
+# (the default), or recomputed where that workspace exceeds max_ds_bytes.
+DQ_PATHS = {"stored dS": pallas_mosaic_gpu.BlockSizes(), "recomputed dS": pallas_mosaic_gpu.BlockSizes(max_ds_bytes=0)}
+
+
 @hopper_only
+@pytest.mark.parametrize("dq_path", DQ_PATHS)
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_matches_reference(case):
+def test_matches_reference(case, dq_path):
   seq_len, head_dim, causal, segments, scale = case
   heads = 3
   q, k, v, d_out, segment_ids = _inputs(seq_len + head_dim, 2, seq_len, heads, head_dim, segments)
   kwargs = dict(slopes=alibi_slopes(heads), segment_ids=segment_ids, causal=causal, scale=scale)
+  kwargs["block_sizes"] = DQ_PATHS[dq_path]
   out, grads = _out_and_grads(functools.partial(pallas_mosaic_gpu.flash_attention, **kwargs), q, k, v, d_out)
+  del kwargs["block_sizes"]
   ref_out, ref_grads = _out_and_grads(_reference(**kwargs), *(x.astype(jnp.float32) for x in (q, k, v, d_out)))
   assert out.dtype == jnp.bfloat16 and out.shape == q.shape
   assert _rel_err(out, ref_out) < OUT_TOL
@@ -105,6 +114,36 @@ def test_every_consumer_visits_its_programs_first_key_step(causal, segments):
       q_start = start + warpgroup * blocks.block_q
       split, stop = tiles.query_major_plan(q_start, lo=lo, hi=hi, segments=padded is not None, **plan)
       assert lo <= split <= stop <= hi and lo < stop, (batch, query_block, warpgroup, int(lo), int(split), int(stop))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_ds_layout_gives_each_tile_of_a_dq_program_its_own_place(causal):
+  """The dK/dV kernel stores dS^T tile (query block i, key step j) at ``layout.tile``; the dQ
+  kernel reads, per key step, the pair of its warpgroups' tiles from ``tile(first block, 0)``
+  on. Every tile a dQ program can visit (up to its diagonal when causal) has its own place
+  in the buffer, the pairs are consecutive, and the buffer holds nothing else."""
+  batch, seq_len, heads, block = 2, 512, 3, 64
+  layout = vjp.DsLayout(batch, seq_len, heads, block, causal)
+  wgs = tiles.COMPUTE_WARPGROUPS
+  places = []
+  for b, h, program in itertools.product(range(batch), range(heads), range(layout.programs)):
+    steps = wgs * (program + 1) if causal else layout.key_steps
+    first = int(layout.tile(b, h, program * wgs, 0))
+    for step, warpgroup in itertools.product(range(steps), range(wgs)):
+      place = int(layout.tile(b, h, program * wgs + warpgroup, step))
+      assert place == first + step * wgs + warpgroup
+      places.append(place)
+  assert sorted(places) == list(range(layout.shape[0]))
+  assert layout.nbytes == 2 * len(places) * block * block
+
+
+def test_ds_layout_only_within_max_ds_bytes_and_for_equal_blocks():
+  shape = (8, 2048, 16, 128)
+  needed = vjp.DsLayout(8, 2048, 16, 64, causal=True).nbytes
+  assert needed == 8 * 16 * 16 * 17 * 2 * 64 * 64 * 2  # 16 programs: 2 * 16 * 17 / 2 pairs of tiles per (row, head)
+  assert vjp.ds_layout(shape, pallas_mosaic_gpu.BlockSizes(max_ds_bytes=needed), causal=True) is not None
+  assert vjp.ds_layout(shape, pallas_mosaic_gpu.BlockSizes(max_ds_bytes=needed - 1), causal=True) is None
+  assert vjp.ds_layout(shape, pallas_mosaic_gpu.BlockSizes(block_k_dq=128), causal=True) is None
 
 
 @hopper_only
@@ -169,14 +208,19 @@ def test_runs_per_device_under_a_mesh():
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(e, np.float32))
 
 
+@pytest.mark.parametrize("dq_path", DQ_PATHS)
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("segments", [None, "packed"])
 @pytest.mark.parametrize("seq_len", [256, 300])
-def test_every_configuration_traces(causal, segments, seq_len):
+def test_every_configuration_traces(causal, segments, seq_len, dq_path):
   """Forward and backward kernels build (shapes, layouts, loop plans) without a GPU."""
   q, k, v, d_out, segment_ids = _inputs(0, 1, seq_len, 2, 64, segments)
   attend = functools.partial(
-    pallas_mosaic_gpu.flash_attention, slopes=alibi_slopes(2), segment_ids=segment_ids, causal=causal
+    pallas_mosaic_gpu.flash_attention,
+    slopes=alibi_slopes(2),
+    segment_ids=segment_ids,
+    causal=causal,
+    block_sizes=DQ_PATHS[dq_path],
   )
   grads = jax.eval_shape(lambda q, k, v: _out_and_grads(attend, q, k, v, d_out), q, k, v)
   assert [g.shape for g in grads[1]] == [q.shape] * 3
@@ -207,6 +251,6 @@ def test_refuses_what_it_cannot_take():
     pallas_mosaic_gpu.flash_attention(q, q, q, slopes=alibi_slopes(2))
   with pytest.raises(ValueError, match="Hopper"):
     pallas_mosaic_gpu.flash_attention(*(q.astype(jnp.bfloat16),) * 3, slopes=alibi_slopes(2), interpret=True)
-  for field, value in (("block_q", 96), ("stages_dq", 1)):
+  for field, value in (("block_q", 96), ("stages_dq", 1), ("max_ds_bytes", -1)):
     with pytest.raises(ValueError, match=f"BlockSizes.{field}"):
       pallas_mosaic_gpu.BlockSizes(**{field: value})

@@ -330,7 +330,9 @@ def key_program(*, block_q: int, block_k: int, seq_len: int, causal: bool, segme
   """This program's first key and query steps ``[lo, hi)``, in kernels that hold keys (dK/dV).
 
   Earlier keys are seen by more queries, so grid order is already heaviest first. Query
-  steps start at the program's diagonal when causal.
+  steps start at the program's diagonal when causal, and lie within ``segment_ranges``
+  (pallas_tiles.segment_block_ranges' [B, key blocks] refs of first and past-last query
+  blocks, per warpgroup's block) when given.
   """
   program = lax.axis_index("programs")
   start = program * COMPUTE_WARPGROUPS * block_k
@@ -338,8 +340,16 @@ def key_program(*, block_q: int, block_k: int, seq_len: int, causal: bool, segme
   if causal:
     lo = lax.div(start, jnp.int32(block_q))
   if segment_ranges is not None:
-    lo, hi = clip(lo, hi, *(ref[batch, program] for ref in segment_ranges))
+    lo, hi = clip(lo, hi, *program_span(segment_ranges, batch, program))
   return start, lo, hi
+
+
+def program_span(segment_ranges, batch, program):
+  """A program's partner blocks from its warpgroups' blocks' ranges, which rise
+  (pallas_tiles.segment_block_ranges): the first warpgroup's lo to the last's hi."""
+  lo_ref, hi_ref = segment_ranges
+  first = program * COMPUTE_WARPGROUPS
+  return lo_ref[batch, first], hi_ref[batch, first + COMPUTE_WARPGROUPS - 1]
 
 
 def query_major_plan(q_start, *, block_q: int, block_k: int, lo, hi, causal: bool, segments: bool):
@@ -355,17 +365,20 @@ def query_major_plan(q_start, *, block_q: int, block_k: int, lo, hi, causal: boo
   return split, stop
 
 
-def key_major_plan(k_start, *, block_q: int, block_k: int, lo, hi, causal: bool, segments: bool):
-  """``(first, split)`` for a warpgroup holding keys ``[k_start, k_start + block_k)`` over query steps ``[lo, hi)``.
+def key_major_plan(k_start, *, block_q: int, block_k: int, lo, hi, causal: bool, segment_span=None):
+  """``(first, split, stop)`` for a warpgroup holding keys ``[k_start, k_start + block_k)`` over query steps ``[lo, hi)``.
 
-  Steps ``[lo, first)`` come before this warpgroup's keys and are passed over, ``[first,
-  split)`` need the mask (the diagonal; every step with segments), ``[split, hi)`` do not.
+  Steps ``[lo, first)`` come before this warpgroup's keys or its segments and are passed
+  over, ``[first, split)`` need the mask (the diagonal; every step with segments), ``[split,
+  stop)`` do not, ``[stop, hi)`` lie past the warpgroup's segments and are passed over.
+  ``segment_span``: the query blocks ``(lo, hi)`` that can share a segment with these keys.
   """
   first = jnp.clip(lax.div(k_start, jnp.int32(block_q)), lo, hi) if causal else lo
-  if segments:
-    return first, hi
+  if segment_span is not None:
+    first, stop = clip(first, hi, *segment_span)
+    return first, stop, stop
   split = jnp.clip(pl.cdiv(k_start + block_k, jnp.int32(block_q)), first, hi) if causal else first
-  return first, split
+  return first, split, hi
 
 
 def clip(lo, hi, start, stop):

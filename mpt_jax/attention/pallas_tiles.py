@@ -209,9 +209,11 @@ def segment_block_ranges(segment_ids, *, block_q: int, block_k: int):
   Query block i and key block j can hold tokens of one segment only if their segment-id
   ranges ``[min, max]`` meet; every other pair is wholly masked, so kernels skip it (packed
   documents then cost work only within documents). Query block i's partners are the key
-  blocks ``[k_lo[b, i], k_hi[b, i])`` (the first to past the last that meet), key block
-  j's the query blocks ``[q_lo[b, j], q_hi[b, j])``. Exact for sorted ids (packing), a safe
-  superset for any ids.
+  blocks ``[k_lo[b, i], k_hi[b, i])``, key block j's the query blocks ``[q_lo[b, j], q_hi[b,
+  j])``. Both describe one set of tiles, a staircase (all four bounds non-decreasing), so a
+  kernel over query blocks and one over key blocks visit the same tiles, and a program's
+  range over several consecutive blocks is its first block's lo to its last block's hi.
+  Exact for sorted ids (packing), a safe superset for any ids.
   """
   batch, seq_len = segment_ids.shape
 
@@ -222,15 +224,20 @@ def segment_block_ranges(segment_ids, *, block_q: int, block_k: int):
     padded = padded.reshape(batch, num_blocks, block)
     return padded.min(axis=-1), padded.max(axis=-1)
 
-  def first_and_past_last(meets):
-    return jnp.argmax(meets, axis=-1), meets.shape[-1] - jnp.argmax(meets[..., ::-1], axis=-1)
-
   q_min, q_max = block_min_max(block_q)
   k_min, k_max = block_min_max(block_k)
   meets = (q_min[:, :, None] <= k_max[:, None, :]) & (k_min[:, None, :] <= q_max[:, :, None])  # [B, nq, nk]
-  k_range = first_and_past_last(meets)
-  q_range = first_and_past_last(meets.transpose(0, 2, 1))
-  return tuple(x.astype(jnp.int32) for x in k_range), tuple(x.astype(jnp.int32) for x in q_range)
+  num_k = meets.shape[-1]
+  k_lo, k_hi = jnp.argmax(meets, axis=-1), num_k - jnp.argmax(meets[..., ::-1], axis=-1)
+  # Widened to a staircase: lo the minimum over this and later query blocks, hi the maximum
+  # over this and earlier ones (no change for sorted ids, whose ranges already rise).
+  k_lo = lax.cummin(k_lo, axis=1, reverse=True)
+  k_hi = lax.cummax(k_hi, axis=1)
+  # Key block j meets query block i iff k_lo[i] <= j < k_hi[i]: with both rising, that is a run of i.
+  key_block = jnp.arange(num_k)[None, :, None]
+  q_lo = jnp.sum(k_hi[:, None, :] <= key_block, axis=-1)
+  q_hi = jnp.maximum(jnp.sum(k_lo[:, None, :] <= key_block, axis=-1), q_lo)
+  return tuple(x.astype(jnp.int32) for x in (k_lo, k_hi)), tuple(x.astype(jnp.int32) for x in (q_lo, q_hi))
 
 
 def segment_operands(segment_ids, *, block_q: int, block_k: int, grid_over: Literal["q", "k"], block_index=lambda i: i):
