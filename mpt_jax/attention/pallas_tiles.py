@@ -233,7 +233,7 @@ def segment_block_ranges(segment_ids, *, block_q: int, block_k: int):
   # over this and earlier ones (no change for sorted ids, whose ranges already rise).
   k_lo = lax.cummin(k_lo, axis=1, reverse=True)
   k_hi = lax.cummax(k_hi, axis=1)
-  # Key block j meets query block i iff k_lo[i] <= j < k_hi[i]: with both rising, that is a run of i.
+  # Key block j partners query block i iff k_lo[i] <= j < k_hi[i]: with both rising, a run of i.
   key_block = jnp.arange(num_k)[None, :, None]
   q_lo = jnp.sum(k_hi[:, None, :] <= key_block, axis=-1)
   q_hi = jnp.maximum(jnp.sum(k_lo[:, None, :] <= key_block, axis=-1), q_lo)
