@@ -258,6 +258,7 @@ def _newest_intact(
   damaged checkpoint), then ``restore(step, recorded config)``, where a CheckpointError or an
   orbax error marks the step broken.
   """
+  integrity.quiet_abandoned_reads()
   broken = {}
   for step in sorted(manager.all_steps(), reverse=True):
     folder = directory / str(step)

@@ -81,17 +81,17 @@ def _digests(directory: pathlib.Path, names: list[str]) -> list[list]:
 
 def describe_failure(error: Exception) -> str:
   """The type and first line of an error orbax raised reading damaged files (tensorstore's run to dozens of lines)."""
-  _quiet_abandoned_reads()
   lines = str(error).strip().splitlines()
   return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
-def _quiet_abandoned_reads() -> None:
+def quiet_abandoned_reads() -> None:
   """Drops the "Event loop is closed" errors of reads a failed orbax restore left in flight.
 
   When one read fails, orbax closes its asyncio loop; tensorstore's other reads complete later
   and each reports to the closed loop through sys.unraisablehook: a traceback apiece, printed
-  after the real error (or amid training after a fallback), about nothing.
+  after the real error (or amid training after a fallback), about nothing. Call it before a
+  restore that may fail: a read can complete before the failure reaches the caller.
   """
   previous = sys.unraisablehook
   if getattr(previous, "quiets_abandoned_reads", False):

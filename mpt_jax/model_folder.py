@@ -146,6 +146,7 @@ def relayout_blocks(blocks: dict[str, Any], config: MPTConfig) -> dict[str, Any]
 @contextlib.contextmanager
 def reading(path):
   """Turns orbax / tensorstore failures on damaged files into one CheckpointError naming ``path``."""
+  integrity.quiet_abandoned_reads()
   try:
     yield
   except Exception as e:
