@@ -457,10 +457,9 @@ def _dq_from_ds_kernel(k_ref, ds_ref, *refs, segments: bool, layout: DsLayout, c
   stream = tiles.Stream(*stream_scratch)
   block, head_dim = layout.block, k_ref.shape[-1]
   program = pallas_tiles.heaviest_first(lax.axis_index("programs"), num_blocks=layout.programs)
-  program_start = program * tiles.COMPUTE_WARPGROUPS * block
-  lo, hi = jnp.int32(0), jnp.int32(layout.key_steps)
-  if causal:
-    hi = pl.cdiv(program_start + tiles.COMPUTE_WARPGROUPS * block, jnp.int32(block))
+  _, lo, hi = tiles.query_program(
+    program, block_q=block, block_k=block, seq_len=layout.seq_len, causal=causal, segment_ranges=None, batch=batch
+  )
   if k_ranges is not None:
     lo, hi = tiles.clip(lo, hi, *tiles.program_span(k_ranges, batch, program))
   first_tile = layout.tile(batch, head, program * tiles.COMPUTE_WARPGROUPS, 0)
