@@ -226,6 +226,16 @@ class Stream:
       self.wait(operand, slot)
       self.release(operand, slot)
 
+  def pass_over(self, start, base=0):
+    """A ``run_plan`` body for a loop from ``start`` whose steps a consumer does not compute:
+    ``pass_step`` each, the carry unchanged."""
+
+    def body(step, carry):
+      self.pass_step(self.slot(step, start, base))
+      return carry
+
+    return body
+
 
 def as_producer(warpgroup, work: Callable[[], None]) -> None:
   """Runs ``work`` on the producer warpgroup, which needs few registers."""

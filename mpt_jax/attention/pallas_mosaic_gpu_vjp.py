@@ -221,10 +221,6 @@ def _dq_kernel(*refs, segments: bool, causal: bool, scale: float, block_k: int):
       stream.release(0, slot)
       return dq
 
-    def pass_over(step, dq):
-      stream.pass_step(stream.slot(step, lo))
-      return dq
-
     split, stop = tiles.query_major_plan(
       q_start, block_q=block_q, block_k=block_k, lo=lo, hi=hi, causal=causal, segments=segments
     )
@@ -232,7 +228,7 @@ def _dq_kernel(*refs, segments: bool, causal: bool, scale: float, block_k: int):
       [
         (lo, split, functools.partial(visit, masked=False)),
         (split, stop, functools.partial(visit, masked=True)),
-        (stop, hi, pass_over),
+        (stop, hi, stream.pass_over(lo)),
       ],
       tiles.zeros((block_q, head_dim)),
     )
@@ -382,10 +378,6 @@ def _dkv_kernel(*refs, segments: bool, causal: bool, scale: float, block_q: int,
       stream.release(q_tile, slot)
       return dk, dv
 
-    def pass_over(step, carry):
-      stream.pass_step(stream.slot(step, lo))
-      return carry
-
     first, split, stop = tiles.key_major_plan(
       k_start,
       block_q=block_q,
@@ -397,10 +389,10 @@ def _dkv_kernel(*refs, segments: bool, causal: bool, scale: float, block_q: int,
     )
     dk, dv = tiles.run_plan(
       [
-        (lo, first, pass_over),
+        (lo, first, stream.pass_over(lo)),
         (first, split, functools.partial(visit, masked=True)),
         (split, stop, functools.partial(visit, masked=False)),
-        (stop, hi, pass_over),
+        (stop, hi, stream.pass_over(lo)),
       ],
       (tiles.zeros((block_k, head_dim)), tiles.zeros((block_k, head_dim))),
     )
@@ -488,12 +480,9 @@ def _dq_from_ds_kernel(k_ref, ds_ref, *refs, segments: bool, layout: DsLayout, c
       stream.release(1, slot)
       return dq
 
-    def pass_over(step, dq):
-      stream.pass_step(stream.slot(step, lo))
-      return dq
-
     dq = tiles.run_plan(
-      [(lo, start, pass_over), (start, stop, visit), (stop, hi, pass_over)], tiles.zeros((block, head_dim))
+      [(lo, start, stream.pass_over(lo)), (start, stop, visit), (stop, hi, stream.pass_over(lo))],
+      tiles.zeros((block, head_dim)),
     )
     dq_smem = dq_buffers.at[warpgroup]
     dq_smem[...] = (dq * scale).astype(dq_smem.dtype)
