@@ -226,12 +226,12 @@ class Stream:
       self.wait(operand, slot)
       self.release(operand, slot)
 
-  def pass_over(self, start, base=0):
+  def pass_over(self, start):
     """A ``run_plan`` body for a loop from ``start`` whose steps a consumer does not compute:
     ``pass_step`` each, the carry unchanged."""
 
     def body(step, carry):
-      self.pass_step(self.slot(step, start, base))
+      self.pass_step(self.slot(step, start))
       return carry
 
     return body
