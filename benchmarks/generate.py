@@ -198,6 +198,9 @@ def _write(report: dict) -> None:
 def main(args: Args) -> dict:
   deadline = time.perf_counter() + args.budget_s
   import jax
+
+  if not args.tiny and jax.default_backend() != "gpu":
+    raise SystemExit(f"this benchmark needs a GPU (or --tiny for the CPU smoke test); found {jax.devices()[0]}")
   import torch
   import transformers
 

@@ -331,7 +331,16 @@ def _write(rows: list[dict], args: Args) -> None:
   write_atomically(path, json.dumps(report, indent=2))
 
 
+def _default_backend() -> str:
+  """JAX's default backend, asked in a child process: this one must never hold a GPU, which
+  each configuration's own process needs whole."""
+  probe = [sys.executable, "-c", "import jax; print(jax.default_backend())"]
+  return subprocess.run(probe, capture_output=True, text=True, check=True).stdout.split()[-1]
+
+
 def main(args: Args) -> None:
+  if not args.tiny and (backend := _default_backend()) != "gpu":
+    raise SystemExit(f"this benchmark needs a GPU (or --tiny for the CPU smoke test); found {backend}")
   configurations = _configurations(args)
   deadline = time.perf_counter() + args.budget_s
   rows = [None] * len(configurations)

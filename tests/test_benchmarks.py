@@ -25,6 +25,16 @@ def test_every_benchmark_script_starts_from_the_repository_root(script):
   assert done.returncode == 0, done.stderr[-2000:]
 
 
+@pytest.mark.parametrize("script", ["attention.py", "decode_attention.py", "generate.py", "train_step.py"])
+def test_gpu_benchmarks_refuse_a_machine_without_one_in_one_line(script):
+  """Off a GPU the MPT-1B-sized benchmarks stop at once with one line (pointing to --tiny
+  where there is one), not after minutes of a CPU run that runs out of memory."""
+  done = _run(f"benchmarks/{script}", timeout=120)
+  assert done.returncode != 0
+  assert done.stderr.strip().splitlines()[-1].startswith("this benchmark needs a GPU"), done.stderr[-2000:]
+  assert "Traceback" not in done.stderr
+
+
 def test_train_step_benchmark_times_ours_the_plain_step_and_ablation_variants(tmp_path):
   """--tiny runs the same code paths as on a GPU: each row in its own process, variants patched in."""
   done = subprocess.run(
