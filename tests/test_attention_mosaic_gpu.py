@@ -68,19 +68,24 @@ def _reference(**kwargs):
 
 
 # The two ways to dQ (pallas_mosaic_gpu_vjp.py): from the dS tiles the dK/dV kernel stores
-# (the default), or recomputed where that workspace exceeds max_ds_bytes.
-DQ_PATHS = {"stored dS": pallas_mosaic_gpu.BlockSizes(), "recomputed dS": pallas_mosaic_gpu.BlockSizes(max_ds_bytes=0)}
+# (the default), or recomputed where that workspace exceeds max_ds_bytes; and the forward
+# over 64-key tiles (on jax 0.11 these once failed to lower without segments).
+BLOCK_SIZES = {
+  "stored dS": pallas_mosaic_gpu.BlockSizes(),
+  "recomputed dS": pallas_mosaic_gpu.BlockSizes(max_ds_bytes=0),
+  "64-key forward tiles": pallas_mosaic_gpu.BlockSizes(block_k=64),
+}
 
 
 @hopper_only
-@pytest.mark.parametrize("dq_path", DQ_PATHS)
+@pytest.mark.parametrize("blocks", BLOCK_SIZES)
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_matches_reference(case, dq_path):
+def test_matches_reference(case, blocks):
   seq_len, head_dim, causal, segments, scale = case
   heads = 3
   q, k, v, d_out, segment_ids = _inputs(seq_len + head_dim, 2, seq_len, heads, head_dim, segments)
   kwargs = dict(slopes=alibi_slopes(heads), segment_ids=segment_ids, causal=causal, scale=scale)
-  kwargs["block_sizes"] = DQ_PATHS[dq_path]
+  kwargs["block_sizes"] = BLOCK_SIZES[blocks]
   out, grads = _out_and_grads(functools.partial(pallas_mosaic_gpu.flash_attention, **kwargs), q, k, v, d_out)
   del kwargs["block_sizes"]
   ref_out, ref_grads = _out_and_grads(_reference(**kwargs), *(x.astype(jnp.float32) for x in (q, k, v, d_out)))
@@ -208,11 +213,11 @@ def test_runs_per_device_under_a_mesh():
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(e, np.float32))
 
 
-@pytest.mark.parametrize("dq_path", DQ_PATHS)
+@pytest.mark.parametrize("blocks", BLOCK_SIZES)
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("segments", [None, "packed"])
 @pytest.mark.parametrize("seq_len", [256, 300])
-def test_every_configuration_traces(causal, segments, seq_len, dq_path):
+def test_every_configuration_traces(causal, segments, seq_len, blocks):
   """Forward and backward kernels build (shapes, layouts, loop plans) without a GPU."""
   q, k, v, d_out, segment_ids = _inputs(0, 1, seq_len, 2, 64, segments)
   attend = functools.partial(
@@ -220,7 +225,7 @@ def test_every_configuration_traces(causal, segments, seq_len, dq_path):
     slopes=alibi_slopes(2),
     segment_ids=segment_ids,
     causal=causal,
-    block_sizes=DQ_PATHS[dq_path],
+    block_sizes=BLOCK_SIZES[blocks],
   )
   grads = jax.eval_shape(lambda q, k, v: _out_and_grads(attend, q, k, v, d_out), q, k, v)
   assert [g.shape for g in grads[1]] == [q.shape] * 3

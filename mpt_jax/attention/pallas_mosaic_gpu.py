@@ -342,15 +342,26 @@ def _forward_kernel(*refs, segments: bool, causal: bool, scale: float, block_k: 
       stream.release(0, slot)
       # Every warpgroup visits step lo: its rows see at least their own keys.
       pl.when((step == lo) & (i + 1 < my_tiles))(prefetch)
+      # Key positions only where the causal mask or the non-causal ALiBi reads them.
       frame = tiles.key_step_frame(
-        stream, slot, step, block_k=block_k, q_pos=q_pos, q_segment=q_segment, slope=slope, origin=origin
+        stream,
+        slot,
+        step,
+        block_k=block_k,
+        q_pos=q_pos,
+        q_segment=q_segment,
+        slope=slope,
+        origin=origin,
+        key_positions=masked or not causal,
       )
-      # The causal key term as one multiply-add per column from offsets that stay in registers
-      # across steps (one I2F, add and multiply fewer per column and step than TileFrame's).
-      slope2 = slope * pallas_tiles.LOG2E
-      key_start = (step * block_k).astype(jnp.float32)
-      key_term = tiles.positions(0, block_k, tiles.COLUMNS) * slope2 + slope2 * (key_start - origin)
-      s = frame.scores(qk, scale=scale, causal=causal, masked=masked, key_term=key_term if causal else None)
+      key_term = None
+      if causal:
+        # The key term as one multiply-add per column from offsets that stay in registers
+        # across steps (one I2F, add and multiply fewer per column and step than TileFrame's).
+        slope2 = slope * pallas_tiles.LOG2E
+        key_start = (step * block_k).astype(jnp.float32)
+        key_term = tiles.positions(0, block_k, tiles.COLUMNS) * slope2 + slope2 * (key_start - origin)
+      s = frame.scores(qk, scale=scale, causal=causal, masked=masked, key_term=key_term)
       # Online softmax (FlashAttention-2 §3.1.1): rescale the running sums when the row maximum grows.
       new_max = jnp.maximum(row_max, s.max(axis=1))
       rescale = jnp.exp2(row_max - new_max)

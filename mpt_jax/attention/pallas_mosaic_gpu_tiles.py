@@ -120,16 +120,12 @@ class TileFrame:
   """
 
   row_pos: jax.Array  # ROWS float32
-  col_pos: jax.Array  # COLUMNS float32
+  col_pos: jax.Array | None  # COLUMNS float32; None where nothing reads it (key_step_frame)
   row_segment: jax.Array | None  # ROWS int32, or None unpacked
   col_segment: jax.Array | None  # COLUMNS int32
   slope: jax.Array  # scalar float32
   origin: jax.Array  # scalar float32
   queries_along_rows: bool
-
-  @property
-  def shape(self):
-    return self.row_pos.shape[0], self.col_pos.shape[0]
 
   def alibi_key_term(self):
     """The causal ALiBi key term of the tile's keys, log2 units: a ROWS or COLUMNS vector."""
@@ -142,7 +138,7 @@ class TileFrame:
     ``masked``: apply the causal mask (tiles on the diagonal); segments mask every tile.
     ``key_term``: the causal key term (``alibi_key_term``), if the caller has it cheaper.
     """
-    shape = self.shape
+    shape = qk.shape
     if causal:  # the key term only: a vector, one multiply-add per score
       if key_term is None:
         key_term = self.alibi_key_term()
@@ -268,15 +264,23 @@ def key_sources(k_ref, v_ref, segment_ids_ref, *, batch, head, block_k: int):
   return sources
 
 
-def key_step_frame(stream: Stream, slot, step, *, block_k: int, q_pos, q_segment, slope, origin) -> TileFrame:
+def key_step_frame(
+  stream: Stream, slot, step, *, block_k: int, q_pos, q_segment, slope, origin, key_positions: bool = True
+) -> TileFrame:
   """The TileFrame of key step ``step`` in kernels that hold queries and stream keys (forward,
-  dQ); with segments (``q_segment`` given) it reads the step's key segments from the stream."""
+  dQ); with segments (``q_segment`` given) it reads the step's key segments from the stream.
+
+  ``key_positions=False`` leaves the key positions out, for a step whose scores read none
+  (an unmasked causal step given its key term): jax 0.11's Mosaic GPU layout inference finds
+  no layouts for a kernel holding that unused vector of a 64-key tile (benchmarks/RESULTS.md,
+  issue 11, thirteenth session).
+  """
   k_segment = None
   if q_segment is not None:
     stream.wait(2, slot)  # key_sources' third operand
     k_segment = load_vector(stream.slots[2].at[slot], COLUMNS)
     stream.release(2, slot)
-  k_pos = positions(step * block_k, block_k, COLUMNS)
+  k_pos = positions(step * block_k, block_k, COLUMNS) if key_positions else None
   return TileFrame(q_pos, k_pos, q_segment, k_segment, slope, origin, True)
 
 
