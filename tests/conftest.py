@@ -1,13 +1,31 @@
-"""Test-wide setup: 8 virtual CPU devices for the sharding tests (must precede importing jax)."""
+"""Test-wide setup (must precede importing jax): 8 virtual CPU devices for the sharding tests,
+XLA's CPU code unoptimized, and one XLA compilation cache for the session."""
 
 import os
-
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
 import pathlib
+import shutil
+import tempfile
 
 import pytest
+
+os.environ["JAX_NUM_CPU_DEVICES"] = "8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The tests' models are tiny, so compiling takes most of their time, and XLA's CPU backend
+# compiles ~1.5x faster without LLVM's optimizations (fast math stays off either way). The
+# processes the tests start inherit the flag, so bit-for-bit comparisons stay like for like.
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+# The train.py processes the tests start compile the same small steps again and again: with
+# a cache shared through the environment, a 20-step run takes ~8 s instead of ~15 s on 2 cores.
+# A fresh directory per session, so no test ever reads what another version of the code compiled.
+COMPILATION_CACHE = tempfile.mkdtemp(prefix="mpt-jax-tests-xla-cache-")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = COMPILATION_CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+
+def pytest_sessionfinish(session, exitstatus):
+  shutil.rmtree(COMPILATION_CACHE, ignore_errors=True)
+
 
 TOKENIZER_JSON = (
   pathlib.Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"

@@ -47,14 +47,21 @@ RUN = [
 ]
 
 
-def _launch(workdir, *extra) -> subprocess.Popen:
-  """train.py in a subprocess; its stderr (the log) goes to ``process.log``, a file beside the workdir."""
+def _launch(workdir, *extra, compilation_cache=True) -> subprocess.Popen:
+  """train.py in a subprocess; its stderr (the log) goes to ``process.log``, a file beside the workdir.
+
+  ``compilation_cache=False``: compile without the session's cache (conftest.py), for a test
+  that needs the compilation to take its real time.
+  """
   log = pathlib.Path(workdir).with_name(f"{pathlib.Path(workdir).name}-{time.monotonic_ns()}.log")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1"}
+  if not compilation_cache:
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
   with open(log, "w") as stderr:
     process = subprocess.Popen(
       [sys.executable, "train.py", "--workdir", str(workdir), *RUN, *extra],
       cwd=ROOT,
-      env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
+      env=env,
       stdout=subprocess.DEVNULL,
       stderr=stderr,
     )
@@ -157,7 +164,7 @@ def test_sigterm_checkpoints_at_the_step_reached_and_exits_0(tmp_path, reference
 
 def test_ctrl_c_checkpoints_at_the_step_reached_and_a_second_ctrl_c_aborts_at_once(tmp_path, reference):
   # Twice while train_step compiles (Python runs no signal handler until that call returns).
-  run = _launch(tmp_path, "--checkpoint.every-steps", "0")
+  run = _launch(tmp_path, "--checkpoint.every-steps", "0", compilation_cache=False)
   _wait_for(lambda: _logged(run, "compile train_step ..."), run)
   run.send_signal(signal.SIGINT)
   _wait_for(lambda: _logged(run, "press Ctrl-C again"), run)

@@ -60,7 +60,7 @@ def test_two_processes_match_one_process_on_eight_devices(tmp_path):
   port = _free_port()
   env = {
     **os.environ,
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    "JAX_NUM_CPU_DEVICES": "4",
     "JAX_PLATFORMS": "cpu",
     "PYTHONPATH": str(ROOT),
   }
