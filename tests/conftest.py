@@ -12,8 +12,11 @@ os.environ["JAX_NUM_CPU_DEVICES"] = "8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The tests' models are tiny, so compiling takes most of their time, and XLA's CPU backend
 # compiles ~1.5x faster without LLVM's optimizations (fast math stays off either way). The
-# processes the tests start inherit the flag, so bit-for-bit comparisons stay like for like.
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+# processes the tests start (xdist's workers too, which import this file again) inherit the
+# flag once, so bit-for-bit comparisons stay like for like.
+UNOPTIMIZED = "--xla_backend_optimization_level=0"
+if UNOPTIMIZED not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {UNOPTIMIZED}"
 # The train.py processes the tests start compile the same small steps again and again: with
 # a cache shared through the environment, a 20-step run takes ~8 s instead of ~15 s on 2 cores.
 # A fresh directory per session, so no test ever reads what another version of the code compiled.
